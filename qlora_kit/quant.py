@@ -1,0 +1,187 @@
+"""Frozen quantised linear layers, built on bitsandbytes' functional quantisers.
+
+A `QuantLinear` stores its weight the way bitsandbytes does (NF4/FP4 blocks with absmax
+constants, optionally double-quantised; or LLM.int8's row-wise int8 with one scale per row)
+and computes ``x @ dequant(W).T`` in the compute dtype.
+
+Why not `bnb.nn.Linear4bit`: on CPUs with AVX512-BF16 its first eval-mode forward repacks the
+weight in place for a fused kernel. After that `dequantize_4bit` returns garbage (merges break),
+training gets no input gradient, and layers whose out_features is not a multiple of 32 crash.
+Here the packed weight is never handed to that path: every use goes through `dequantize`, so
+eval -> train -> eval -> merge gives the same numbers in any order, on CPU and CUDA alike.
+
+The dequantised weight is never kept: a custom autograd function dequantises again in the
+backward pass, so activation memory holds inputs only, as a normal frozen layer would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import QLoraKitError
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def as_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """Accept a torch dtype or one of its usual names ('bf16', 'float32', ...)."""
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise QLoraKitError(f"unknown {what} {value!r}: use one of bf16, fp16, fp32")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base's linear weights are stored.
+
+    bits: 4 (NF4/FP4 blocks) or 8 (LLM.int8 row-wise int8).
+    quant_type: "nf4" or "fp4" (4-bit only).
+    double_quant: quantise the absmax constants too (0.5 -> ~0.127 bits per parameter).
+    blocksize: weights per absmax constant (4-bit), a power of two from 32 (CPU) or 64 (CUDA) to 4096.
+    compute_dtype: dtype of activations and of the dequantised weight in matmuls.
+    """
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: torch.dtype = field(default=torch.bfloat16)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise QLoraKitError(
+                f"bits={self.bits!r} is not supported: use 4 (NF4/FP4) or 8 (LLM.int8), "
+                "or quant=None to load the base unquantised")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise QLoraKitError(f"unknown quant_type {self.quant_type!r}: use 'nf4' or 'fp4'")
+        b = self.blocksize
+        if not isinstance(b, int) or b < 32 or b > 4096 or b & (b - 1):
+            raise QLoraKitError(f"blocksize={b!r}: use a power of two between 32 and 4096 (64 is usual)")
+        object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype, "compute_dtype"))
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "blocksize": self.blocksize, "compute_dtype": dtype_name(self.compute_dtype)}
+
+
+def _bnb():
+    # On CPUs with AVX512-BF16 bitsandbytes tries to fetch a fused kernel from a hub at import and
+    # logs the failure; we never use that kernel (see the module docstring), so keep it quiet.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional as bnbf
+    return bnbf
+
+
+class QuantizedWeight:
+    """A weight matrix in bitsandbytes' storage: packed data plus what it takes to dequantise it."""
+
+    def __init__(self, weight: torch.Tensor, config: QuantConfig):
+        self.shape = tuple(weight.shape)
+        self.config = config
+        bnbf = _bnb()
+        if config.bits == 4:
+            self.data, self.state = bnbf.quantize_4bit(
+                weight.contiguous(), blocksize=config.blocksize,
+                compress_statistics=config.double_quant, quant_type=config.quant_type)
+        else:
+            self.data, self.row_scale, _ = bnbf.int8_vectorwise_quant(weight.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the model sees it; arithmetic in fp32 before the final cast."""
+        bnbf = _bnb()
+        if self.config.bits == 4:
+            w = bnbf.dequantize_4bit(self.data, self.state)
+            return w.to(dtype)
+        return bnbf.int8_vectorwise_dequant(self.data, self.row_scale).to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this weight holds (packed data and constants), for memory accounting."""
+        if self.config.bits == 8:
+            return [self.data, self.row_scale]
+        s = self.state
+        out = [self.data, s.absmax, s.code]
+        if s.nested:
+            out += [s.state2.absmax, s.state2.code, s.offset]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x @ W.T with W dequantised on the fly, in forward and again in backward (never stored)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.qweight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w = ctx.layer.qweight.dequantize(grad_out.dtype)
+        return grad_out @ w, None
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantised. Only the input gets gradients."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = qweight.config.compute_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, config: QuantConfig, bias: torch.Tensor | None = None,
+                    device: str | torch.device | None = None) -> "QuantLinear":
+        """Quantise a full-precision weight on `device` (where it will be used)."""
+        weight = weight.to(device) if device is not None else weight
+        bias = None if bias is None else bias.to(weight.device)
+        return cls(QuantizedWeight(weight, config), bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads .weight.dtype / .device in places; the packed tensor answers those.
+        return self.qweight.data
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantLinearFn.apply(x.to(self.compute_dtype), self)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.qweight.nbytes() + extra
+
+    def extra_repr(self) -> str:
+        c = self.qweight.config
+        kind = f"{c.quant_type}{'+dq' if c.double_quant else ''}" if c.bits == 4 else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
+
+
+def roundtrip(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """dequant(quant(W)) in fp32: exactly the weight a model loaded with `config` computes with."""
+    return QuantizedWeight(weight, config).dequantize(torch.float32)

@@ -1,0 +1,74 @@
+"""Tiny random models and a tiny tokenizer, written as real Hugging Face folders (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital of france.",
+    "to be or not to be, that is the question",
+    "a language model predicts the next token from the ones before it",
+    "hello, how are you today? i am fine, thank you.",
+] * 20
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with ChatML special tokens and a pad token distinct from EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+ARCHS = {
+    # intermediate 88 / hidden 48: out_features not multiples of 32 (the bitsandbytes repack trap).
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2"),  # biases on q/k/v
+    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
+}
+
+
+def make_config(arch: str = "llama", hidden: int = 64, intermediate: int = 88, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, vocab: int = 320):
+    from transformers import AutoConfig
+
+    spec = dict(ARCHS[arch])
+    model_type = spec.pop("model_type")
+    return AutoConfig.for_model(
+        model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=256, tie_word_embeddings=spec.pop("tie_word_embeddings", False),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, **spec)
+
+
+def make_model_dir(out: Path, arch: str = "llama", seed: int = 0, dtype=torch.bfloat16, **shape) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(arch, **shape)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # larger weights than the default init, so 4-bit error and LoRA effects show
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer(config.vocab_size).save_pretrained(out)
+    return out
