@@ -64,3 +64,8 @@ def smollm2_path() -> Path:
         print(f"converting {SMOLLM2_GGUF} to safetensors in {out} (once, about 20 s)")
         gguf_to_hf(smollm2_gguf(), out)
     return out
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A model folder, or 'smollm2' for the packaged demo model (converted on first use)."""
+    return smollm2_path() if str(name).lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct") else Path(name)

@@ -1,0 +1,27 @@
+"""Greedy generation for prompts, chat-templated when the tokenizer has a template."""
+
+from __future__ import annotations
+
+import torch
+
+
+def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True) -> list[str]:
+    """Greedy answers, one per prompt (the model is put in eval mode and left there)."""
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    answers = []
+    for prompt in prompts:
+        enc = tokenizer(format_prompt(tokenizer, prompt, chat), return_tensors="pt", add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
