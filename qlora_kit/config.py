@@ -1,0 +1,213 @@
+"""The run configuration: one YAML file, one dataclass per section, every field with a default.
+
+    model:  {path: smollm2}
+    data:   {train: data/train.jsonl, max_seq_len: 512}
+    train:  {epochs: 3, lr: 2.0e-4}
+    output: {dir: runs/my-run}
+
+Unknown keys are errors that name the nearest valid key; values are checked for type and range
+before anything is loaded, so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import QLoraKitError, closest
+from .lora import LoraConfig
+from .quant import QuantConfig
+
+
+@dataclass
+class ModelSection:
+    path: str = "smollm2"            # local HF folder, or 'smollm2' for the packaged demo model
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantSection:
+    bits: int | None = 4             # 4, 8, or null for an unquantised (bf16) base
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+
+    def build(self) -> QuantConfig | None:
+        if self.bits is None:
+            return None
+        return QuantConfig(self.bits, self.quant_type, self.double_quant, self.blocksize, self.compute_dtype)
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: typing.Union[str, list] = "all-linear"
+    rslora: bool = False
+    dtype: str = "bfloat16"
+
+    def build(self, seed: int) -> LoraConfig:
+        return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed)
+
+
+@dataclass
+class DataSection:
+    train: str = ""                  # JSONL: {"text"}, {"instruction","input","output"} or {"messages"}
+    eval: str | None = None          # held-out JSONL; if absent, eval_fraction of train is held out
+    eval_fraction: float = 0.1
+    max_seq_len: int = 512
+    packing: bool = False
+    on_bad_line: str = "error"       # or "skip" (skipped lines are counted and reported)
+    max_examples: int | None = None
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 1.0
+    max_steps: int | None = None     # overrides epochs when set
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    optimizer: str = "paged_adamw_8bit"   # paged_adamw_8bit | adamw_8bit | adamw
+    weight_decay: float = 0.0
+    schedule: str = "cosine"         # cosine | linear | constant
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 1024
+    eval_every: int = 50
+    save_every: int = 50
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/run"
+    export: bool = False             # write a merged model after training (needs the exporter)
+    export_dtype: str = "bfloat16"
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        t, d = self.train, self.data
+        _check(t.lr > 0, "train.lr", t.lr, "must be positive (2e-4 is usual for LoRA)")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
+        _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be at least 1")
+        _check(t.epochs > 0, "train.epochs", t.epochs, "must be positive")
+        _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be at least 1")
+        _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+        _check(t.eval_every >= 1 and t.save_every >= 1, "train.eval_every/save_every",
+               (t.eval_every, t.save_every), "must be at least 1")
+        _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be at least 1")
+        _check(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", t.loss_chunk_tokens, "must be at least 1")
+        _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
+               "must be positive or null")
+        _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {OPTIMIZERS}")
+        _check(t.schedule in ("cosine", "linear", "constant"), "train.schedule", t.schedule,
+               "use cosine, linear or constant")
+        _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
+               "use auto, cpu or cuda")
+        _check(d.max_seq_len >= 8, "data.max_seq_len", d.max_seq_len, "must be at least 8")
+        _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+        _check(d.on_bad_line in ("error", "skip"), "data.on_bad_line", d.on_bad_line, "use error or skip")
+        _check(bool(d.train), "data.train", d.train, "is required: the path of a JSONL training file")
+        self.quant.build()
+        self.lora.build(t.seed)
+        return self
+
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+
+
+def _check(ok: bool, key: str, value, advice: str) -> None:
+    if not ok:
+        raise QLoraKitError(f"config {key} = {value!r} {advice}")
+
+
+def _coerce(section: str, name: str, value, cls: type):
+    """Check one YAML value against its field's type; ints are accepted where floats are."""
+    hint = typing.get_type_hints(cls)[name]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise QLoraKitError(f"config {section}.{name} may not be null")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads '2e-4' as a string
+            except ValueError:
+                pass
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool, list) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
+    raise QLoraKitError(f"config {section}.{name} = {value!r} should be {names}")
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise QLoraKitError("the config file should be a YAML mapping with sections model, quant, lora, data, "
+                            "train, output")
+    run = RunConfig()
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for sec_name, values in raw.items():
+        if sec_name not in sections:
+            raise QLoraKitError(f"unknown config section {sec_name!r}{closest(sec_name, sections)}; "
+                                f"sections are {', '.join(sections)}")
+        section = getattr(run, sec_name)
+        if sec_name == "quant" and values is None:
+            section.bits = None
+            continue
+        if not isinstance(values, dict):
+            raise QLoraKitError(f"config section {sec_name!r} should be a mapping of keys to values")
+        fields = {f.name for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            if key not in fields:
+                raise QLoraKitError(f"unknown config key {sec_name}.{key}{closest(key, fields)}; "
+                                    f"valid keys: {', '.join(sorted(fields))}")
+            setattr(section, key, _coerce(sec_name, key, value, type(section)))
+    return run.validate()
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config; relative data paths are taken relative to the config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QLoraKitError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QLoraKitError(f"{path} is not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        sec, _, key = dotted.partition(".")
+        raw.setdefault(sec, {})[key] = value
+    run = config_from_dict(raw)
+    base = path.parent
+    for attr in ("train", "eval"):
+        value = getattr(run.data, attr)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            setattr(run.data, attr, str(base / value))
+    return run

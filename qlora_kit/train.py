@@ -1,0 +1,352 @@
+"""The training loop: one config in, a trained adapter (and optionally a merged model) out.
+
+    run = train("run.yaml")            # or train(RunConfig(...)), or `qlora-kit train run.yaml`
+
+A run folder holds run.json (the config), metrics.jsonl, loss.png, checkpoints/step-N/ (adapter,
+optimiser, scheduler, RNG and data position, each written atomically; the last `keep_last` kept)
+and adapter/ (the final adapter, PEFT layout). `resume=True` continues from the newest checkpoint
+and ends with the same adapter as an uninterrupted run: the data order depends only on
+(seed, epoch), and every random state is restored.
+
+Data-parallel runs go through accelerate (`accelerate launch`, or `torchrun` on CPU): each process
+takes every world-th micro-batch, and gradients are averaged across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import read_adapter, save_adapter
+from .config import RunConfig, load_config
+from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
+from .errors import QLoraKitError
+from .io import atomic_dir, atomic_write_text
+from .loading import load_model, set_gradient_checkpointing
+from .lora import add_lora, lora_state_dict, trainable_parameters
+from .losses import causal_lm_loss
+from .models import resolve_model_path
+from .state import load_tree, save_tree
+
+
+class LossModule(nn.Module):
+    """Model + chunked loss as one module, so a data-parallel wrapper sees the whole forward."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, self.chunk_tokens)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    eval_before: float | None
+    eval_after: float | None
+    history: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def build_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+    import warnings
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    with warnings.catch_warnings():  # on CPU the paged optimiser says it falls back to unpaged memory
+        warnings.simplefilter("ignore")
+        return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(optimizer, kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _fingerprint(config: RunConfig) -> dict:
+    """What a checkpoint must agree on to be resumed into this run."""
+    return {"model": str(config.model.path), "quant": config.quant.__dict__, "r": config.lora.r,
+            "targets": config.lora.targets, "rslora": config.lora.rslora}
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; write run.json for a new run."""
+    meta = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not meta.is_file():
+            raise QLoraKitError(f"output folder {run_dir} is not empty and holds no qlora_kit run: choose another "
+                                "output.dir or pass --overwrite")
+        elif not resume:
+            raise QLoraKitError(f"output folder {run_dir} already holds a run: pass --resume to continue it or "
+                                "--overwrite to start again")
+        else:
+            old = json.loads(meta.read_text())
+            if old.get("fingerprint") != _fingerprint(config):
+                raise QLoraKitError(f"cannot resume {run_dir}: it was trained with model/LoRA settings "
+                                    f"{old.get('fingerprint')}, this config has {_fingerprint(config)}")
+            return
+    elif resume:
+        raise QLoraKitError(f"nothing to resume: {run_dir} holds no run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps({"config": config.to_dict(), "fingerprint": _fingerprint(config)}, indent=2))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep_last: int,
+                    rng_states: list[dict]) -> Path:
+    """Write checkpoints/step-N atomically: adapter, optimiser, scheduler, step, one RNG state per process."""
+    out = run_dir / "checkpoints" / f"step-{step:07d}"
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_adapter(model, tmp / "adapter")
+        save_tree(optimizer.state_dict(), tmp, "optimizer")
+        state = {"step": step, "scheduler": scheduler.state_dict(), "world": len(rng_states)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        for rank, rng in enumerate(rng_states):
+            save_tree(rng, tmp, f"rng-{rank}")
+    for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int) -> int:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("world", 1) != world:
+        raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
+                            f"the same number (this run has {world})")
+    config, tensors, _ = read_adapter(ckpt / "adapter")
+    current = lora_state_dict(model)
+    if set(tensors) != set(current) or any(tensors[k].shape != current[k].shape for k in current):
+        raise QLoraKitError(f"checkpoint {ckpt} holds adapters of another shape (r={config.r}) than this run's")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            current[k].copy_(t)
+    optimizer.load_state_dict(load_tree(ckpt, "optimizer"))
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(load_tree(ckpt, f"rng-{rank}"))
+    return int(state["step"])
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, device, accelerator) -> float:
+    """Token-weighted mean loss over the whole held-out set (all processes together)."""
+    model = loss_module
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(accelerator.process_index * batch_size, len(dataset),
+                           batch_size * accelerator.num_processes):
+            batch = {k: v.to(device) for k, v in collate(dataset.examples[start:start + batch_size], pad_id).items()}
+            loss, n = model(**batch)
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          export: bool | None = None) -> TrainResult:
+    """Fine-tune with LoRA on a quantised base as `config` says; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    config = load_config(config) if isinstance(config, (str, Path)) else config.validate()
+    t, d = config.train, config.data
+    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    run_dir = Path(config.output.dir)
+    if main:
+        prepare_run_dir(run_dir, config, resume, overwrite)
+    accelerator.wait_for_everyone()
+    started = time.time()
+
+    # Data first: a bad data file should fail before a model is loaded.
+    stats = DataStats()
+    records = read_jsonl(d.train, d.on_bad_line, stats)[: d.max_examples]
+    if d.eval:
+        train_records, eval_records = records, read_jsonl(d.eval, d.on_bad_line, stats)
+    else:
+        train_records, eval_records = split(records, d.eval_fraction, t.seed)
+
+    model_path = resolve_model_path(config.model.path)
+    quant = config.quant.build()
+    model, tokenizer = load_model(model_path, quant=quant, device=device, trust_remote_code=config.model.trust_remote_code,
+                                  progress=progress and main)
+    tokenizer = prepare_tokenizer(tokenizer)
+    train_set = build_dataset(train_records, tokenizer, d.max_seq_len, d.packing, stats)
+    eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len, False) if eval_records else None
+    add_lora(model, config.lora.build(t.seed))
+    set_gradient_checkpointing(model, t.gradient_checkpointing)
+    trainable, total_params = trainable_parameters(model)
+
+    per_step = t.batch_size * t.grad_accum * world
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_set) / per_step))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
+    loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
+
+    start_step = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world)
+    else:
+        torch.manual_seed(t.seed + rank)  # dropout masks differ per process, reproducibly
+    if main:
+        print(f"qlora-kit: {model_path.name}, {trainable:,} trainable of {total_params:,} params "
+              f"({100 * trainable / total_params:.2f}%); data: {stats.summary()}; {total_steps} steps of "
+              f"{per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
+
+    metrics_path = run_dir / "metrics.jsonl"
+    history = _read_history(metrics_path, upto=start_step) if main else []
+    eval_before = None
+    if eval_set is not None and start_step == 0:
+        eval_before = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
+        history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
+    eval_after = eval_before
+
+    batches = microbatches(train_set, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
+    loss_module.train()
+    for step in range(start_step + 1, total_steps + 1):
+        tick, tokens, losses = time.time(), 0, []
+        for micro in range(t.grad_accum):
+            _, batch = next(batches)
+            batch = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+            sync = micro == t.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
+                loss, _ = loss_module(**batch)
+                accelerator.backward(loss / t.grad_accum)
+            losses.append(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(step_loss):
+            last = latest_checkpoint(run_dir)
+            raise QLoraKitError(f"the loss became {step_loss} at step {step}; training stopped before the "
+                                f"optimiser step. Last good checkpoint: {last or 'none yet'}. Lower train.lr, "
+                                "check the data, or resume from the checkpoint")
+        if t.max_grad_norm:
+            accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.time() - tick
+        row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+               "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
+        if eval_set is not None and (step % t.eval_every == 0 or step == total_steps):
+            eval_after = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
+            row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
+        history.append(row)
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        mem=f"{row['mem_mb']:.0f}MB")
+        bar.update(1)
+        if step % t.save_every == 0 or step == total_steps:
+            rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+            if main:
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_last, rng_states)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    adapter_dir = run_dir / "adapter"
+    if main:
+        save_adapter(model, adapter_dir, extra={"steps": total_steps})
+        plot_history(history, run_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    result = TrainResult(run_dir, adapter_dir, total_steps, eval_before, eval_after, history, time.time() - started)
+    if main and (config.output.export if export is None else export):
+        from .export import export_merged  # the exporter streams from the base folder
+        export_merged(model_path, adapter_dir, run_dir / "merged", dtype=config.output.export_dtype, overwrite=True)
+    return result
+
+
+def _read_history(path: Path, upto: int) -> list[dict]:
+    """Metrics rows up to `upto` (a resumed run drops rows the interrupted run wrote after its checkpoint)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= upto]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def plot_history(history: list[dict], out: Path) -> None:
+    """Training loss (and held-out loss where measured) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_rows = [r for r in history if "loss" in r]
+    eval_rows = [r for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_rows:
+        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", lw=1)
+    if eval_rows:
+        ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="held-out loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".tmp-{out.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
