@@ -41,6 +41,9 @@ from .models import resolve_model_path
 from .state import load_tree, save_tree
 
 
+_STEP_DELAY = float(os.environ.get("QLORA_KIT_STEP_DELAY", "0") or 0)
+
+
 class LossModule(nn.Module):
     """Model + chunked loss as one module, so a data-parallel wrapper sees the whole forward."""
 
@@ -70,10 +73,10 @@ def build_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_dec
     import bitsandbytes as bnb
     import warnings
 
+    # On CPU the paged optimiser falls back to ordinary memory and says so at every first step.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    with warnings.catch_warnings():  # on CPU the paged optimiser says it falls back to unpaged memory
-        warnings.simplefilter("ignore")
-        return cls(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -298,6 +301,8 @@ def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool 
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
                         mem=f"{row['mem_mb']:.0f}MB")
         bar.update(1)
+        if _STEP_DELAY:
+            time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
         if step % t.save_every == 0 or step == total_steps:
             rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
             if main:

@@ -1,0 +1,51 @@
+"""Run config: defaults, typo detection, type and range checks."""
+
+import pytest
+
+from qlora_kit import QLoraKitError
+from qlora_kit.config import RunConfig, config_from_dict, load_config
+
+
+def test_defaults_are_valid_once_data_is_given():
+    cfg = config_from_dict({"data": {"train": "x.jsonl"}})
+    assert cfg.train.optimizer == "paged_adamw_8bit" and cfg.quant.bits == 4 and cfg.lora.r == 16
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(QLoraKitError, match=r"train.learning_rate.*did you mean 'lr'|unknown config key train.lerning"):
+        config_from_dict({"data": {"train": "x"}, "train": {"lerning_rate": 1e-4}})
+    with pytest.raises(QLoraKitError, match="did you mean 'batch_size'"):
+        config_from_dict({"data": {"train": "x"}, "train": {"batch_sise": 4}})
+    with pytest.raises(QLoraKitError, match="did you mean 'lora'"):
+        config_from_dict({"data": {"train": "x"}, "loras": {"r": 4}})
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("train", "lr", -1e-4, "must be positive"),
+    ("train", "batch_size", 0, "at least 1"),
+    ("train", "batch_size", "four", "should be int"),
+    ("train", "batch_size", 2.5, "should be int"),
+    ("train", "gradient_checkpointing", "yes", "should be bool"),
+    ("train", "optimizer", "sgd", "use one of"),
+    ("data", "max_seq_len", 0, "at least 8"),
+    ("lora", "r", 0, "positive integer"),
+    ("quant", "bits", 3, "bits=3"),
+])
+def test_bad_values(section, key, value, needle):
+    raw = {"data": {"train": "x.jsonl"}}
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(QLoraKitError, match=needle):
+        config_from_dict(raw)
+
+
+def test_scientific_notation_string_and_null_quant(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "c.yaml").write_text("quant: null\ndata: {train: d.jsonl}\ntrain: {lr: 2e-4}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.lr == 2e-4 and cfg.quant.build() is None
+    assert cfg.data.train == str(tmp_path / "d.jsonl")
+
+
+def test_missing_train_file_key():
+    with pytest.raises(QLoraKitError, match="data.train"):
+        RunConfig().validate()

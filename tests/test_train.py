@@ -1,0 +1,197 @@
+"""The training loop end to end on a tiny model: learning, files, refusals, kill-and-resume, NaN, 2 processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qlora_kit import QLoraKitError
+from qlora_kit.config import config_from_dict
+from qlora_kit.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_data(path: Path, n: int = 48) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus one?"},
+                                             {"role": "assistant", "content": f"it is {i + 1}"}]}) + "\n")
+    return path
+
+
+def make_config(tmp_path, model_dir, **train_overrides):
+    raw = {
+        "model": {"path": str(model_dir)},
+        "lora": {"r": 4, "dropout": 0.1},
+        "data": {"train": str(write_data(tmp_path / "data.jsonl")), "max_seq_len": 48, "eval_fraction": 0.125},
+        "train": {"max_steps": 8, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "eval_every": 4,
+                  "save_every": 2, "keep_last": 2, "seed": 0, **train_overrides},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    return raw
+
+
+def write_yaml(tmp_path, raw, name="run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "qlora_kit.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kw)
+
+
+def test_run_learns_and_writes_everything(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir, max_steps=10, eval_every=5)
+    result = train(config_from_dict(raw), progress=False)
+    run = result.run_dir
+    assert result.eval_after < result.eval_before - 0.5
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert {"loss", "lr", "tokens_per_s", "mem_mb"} <= rows[0].keys() and "eval_ppl" in rows[4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000010"]
+    assert not any(p.name.startswith(".tmp") for p in run.rglob("*"))
+
+
+def test_output_folder_refusals(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir, max_steps=2)
+    train(config_from_dict(raw), progress=False)
+    with pytest.raises(QLoraKitError, match="already holds a run"):
+        train(config_from_dict(raw), progress=False)
+    other = dict(raw, lora={"r": 8})
+    with pytest.raises(QLoraKitError, match="cannot resume"):
+        train(config_from_dict(other), resume=True, progress=False)
+    train(config_from_dict(other), overwrite=True, progress=False)  # explicit overwrite is allowed
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(QLoraKitError, match="holds no qlora_kit run"):
+        train(config_from_dict(dict(raw, output={"dir": str(stranger)})), progress=False)
+
+
+def test_checkpoint_from_other_lora_shape_is_refused(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir, max_steps=2)
+    train(config_from_dict(raw), progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002" / "adapter"
+    # Replace the checkpoint's adapter by one of rank 8 (same file layout, wrong shapes).
+    tensors = load_file(ckpt / "adapter_model.safetensors")
+    from safetensors.torch import save_file
+    save_file({k: torch.zeros(8, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 8)
+               for k, v in tensors.items()}, ckpt / "adapter_model.safetensors")
+    raw["train"]["max_steps"] = 4
+    with pytest.raises(QLoraKitError, match="another shape"):
+        train(config_from_dict(raw), resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir, monkeypatch):
+    import qlora_kit.train as tr
+
+    real = tr.causal_lm_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        loss, n = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan"), n) if calls["n"] > 5 else (loss, n)
+
+    monkeypatch.setattr(tr, "causal_lm_loss", flaky)
+    raw = make_config(tmp_path, tiny_dir, max_steps=8, eval_every=100, save_every=2)
+    raw["data"]["eval_fraction"] = 0.0
+    with pytest.raises(QLoraKitError, match=r"loss became nan at step 6.*step-0000004"):
+        train(config_from_dict(raw), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "adapter").is_dir()
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000006").exists()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dir):
+    """A run killed with SIGKILL mid-training and resumed ends with the same adapter, bit for bit."""
+    raw = make_config(tmp_path, tiny_dir, max_steps=12, save_every=3, eval_every=6)
+    raw["output"]["dir"] = str(tmp_path / "straight")
+    straight = write_yaml(tmp_path, raw, "straight.yaml")
+    raw["output"]["dir"] = str(tmp_path / "killed")
+    killed = write_yaml(tmp_path, raw, "killed.yaml")
+
+    done = cli("train", str(straight), "--no-progress", timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    # Slow each step down so the kill lands between checkpoints, mid-run.
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(killed), "--no-progress"],
+                            cwd=ROOT, env={**os.environ, "QLORA_KIT_STEP_DELAY": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / "checkpoints" / "step-0000006"
+    deadline = time.time() + 300
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)  # into step 7 or 8
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (tmp_path / "killed" / "adapter").exists()
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) >= 6
+
+    resumed = cli("train", str(killed), "--resume", "--no-progress", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step" in resumed.stdout
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(r)["step"] for r in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_cli_reports_bad_config_cleanly(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir)
+    raw["train"]["lr"] = -1
+    out = cli("train", str(write_yaml(tmp_path, raw)))
+    assert out.returncode == 2 and "train.lr" in out.stderr and "Traceback" not in out.stderr
+    raw["train"]["lr"] = 1e-3
+    (tmp_path / "empty.jsonl").write_text("")
+    raw["data"]["train"] = str(tmp_path / "empty.jsonl")
+    out = cli("train", str(write_yaml(tmp_path, raw)))
+    assert out.returncode == 2 and "no examples" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_processes_match_one_with_double_accumulation(tmp_path, tiny_dir):
+    """Data-parallel with 2 CPU processes (gloo) = 1 process with twice the gradient accumulation."""
+    raw = make_config(tmp_path, tiny_dir, max_steps=4, grad_accum=1, eval_every=100, save_every=100,
+                      optimizer="adamw", batch_size=2)
+    raw["lora"]["dropout"] = 0.0  # per-process dropout streams differ by design
+    raw["output"]["dir"] = str(tmp_path / "two")
+    two = write_yaml(tmp_path, raw, "two.yaml")
+    raw["train"]["grad_accum"] = 2
+    raw["output"]["dir"] = str(tmp_path / "one")
+    one = write_yaml(tmp_path, raw, "one.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    dist = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "qlora_kit.cli",
+                           "train", str(two), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    single = cli("train", str(one), "--no-progress", timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    loss = lambda d: [json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    l1, l2 = loss("one"), loss("two")
+    assert len(l1) == len(l2) == 4
+    for a, b in zip(l1, l2):
+        assert abs(a - b) / a < 1e-3, (l1, l2)  # fp32 sums in another order; bf16 matmuls per process
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
