@@ -87,10 +87,9 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor],
             raise QLoraKitError(f"{path} is a DoRA adapter ({key}=true), which qlora_kit does not support")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise QLoraKitError(f"{path} uses per-module rank/alpha patterns, which qlora_kit does not support")
-    ours = raw.get("qlora_kit", {}).get("lora", {})
     config = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                         targets=raw.get("target_modules") or "all-linear",
-                        rslora=bool(raw.get("use_rslora", False)), dtype=ours.get("dtype", "bfloat16"))
+                        rslora=bool(raw.get("use_rslora", False)), dtype="auto")  # computes in the loading model's dtype
     try:
         flat = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError) as e:
@@ -106,8 +105,6 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor],
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a PEFT-layout adapter into `model` (adding the adapter layers if it has none yet)."""
     config, tensors, raw = read_adapter(path)
-    if "dtype" not in raw.get("qlora_kit", {}).get("lora", {}):  # a PEFT-written adapter computes in the model's own dtype
-        config.dtype = model.get_input_embeddings().weight.dtype
     if not lora_layers(model):
         wanted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
         known = {name for name, _ in model.named_modules()}

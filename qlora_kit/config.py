@@ -35,7 +35,7 @@ class QuantSection:
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"      # auto: bf16 where fast (GPU, AVX512-BF16 CPU), else fp16/fp32
 
     def build(self) -> QuantConfig | None:
         if self.bits is None:
@@ -50,7 +50,7 @@ class LoraSection:
     dropout: float = 0.05
     targets: typing.Union[str, list] = "all-linear"
     rslora: bool = False
-    dtype: str = "bfloat16"
+    dtype: str = "auto"              # adapter matmul dtype; auto = the model's compute dtype
 
     def build(self, seed: int) -> LoraConfig:
         return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed)

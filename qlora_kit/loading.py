@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
 from .lora import _set_module, linear_layer_names
-from .quant import QuantConfig, QuantLinear, as_dtype
+from .quant import QuantConfig, QuantLinear, resolve_dtype
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -93,15 +94,16 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     """Load a local Hugging Face causal LM, quantised and frozen, and its tokenizer.
 
     quant: a QuantConfig (4-bit NF4 by default), or None for an unquantised base.
-    dtype: dtype of unquantised weights and activations; defaults to quant.compute_dtype (bf16).
+    dtype: dtype of unquantised weights and activations; defaults to quant.compute_dtype, where
+        "auto" means bf16 on hardware that is fast at it (else fp16 on old GPUs, fp32 on AVX2 CPUs).
     Returns (model, tokenizer); tokenizer is None when load_tokenizer is False.
     """
     path = Path(path)
     files = safetensors_files(path)
-    dtype = as_dtype(dtype) if dtype is not None else (quant.compute_dtype if quant else torch.bfloat16)
-    if quant is not None and quant.compute_dtype != dtype:
-        quant = QuantConfig(**{**quant.to_dict(), "compute_dtype": dtype})
     device = torch.device(device)
+    dtype = resolve_dtype(dtype if dtype is not None else (quant.compute_dtype if quant else "auto"), device)
+    if quant is not None:
+        quant = replace(quant, compute_dtype=dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QLoraKitError("device='cuda' was asked for but torch sees no CUDA GPU: use device='cpu' "
                             "or install a CUDA build of torch")

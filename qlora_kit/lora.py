@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ class LoraConfig:
     targets: "all-linear" (every linear layer of the decoder, never lm_head), a list of module-name
     suffixes (["q_proj", "v_proj"]), or a regular expression matched against full module names.
     rslora: scale by alpha / sqrt(r) instead of alpha / r.
-    dtype: dtype of the adapter matmuls (master weights stay fp32).
+    dtype: dtype of the adapter matmuls (master weights stay fp32); "auto" = the model's compute dtype.
     seed: makes A's initialisation reproducible.
     """
 
@@ -40,7 +40,7 @@ class LoraConfig:
     dropout: float = 0.05
     targets: str | list[str] = "all-linear"
     rslora: bool = False
-    dtype: torch.dtype | str = field(default=torch.bfloat16)
+    dtype: torch.dtype | str = "auto"
     seed: int | None = 0
 
     def __post_init__(self) -> None:
@@ -56,7 +56,8 @@ class LoraConfig:
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
             raise QLoraKitError(f"LoRA targets={self.targets!r}: use 'all-linear', a list of suffixes, or a regex")
-        self.dtype = as_dtype(self.dtype, "LoRA dtype")
+        if self.dtype != "auto":
+            self.dtype = as_dtype(self.dtype, "LoRA dtype")
 
     @property
     def scale(self) -> float:
@@ -174,6 +175,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
 
     Returns the model for chaining. The model remembers `config` (model.lora_config)."""
     config = config or LoraConfig()
+    if config.dtype == "auto":
+        config = replace(config, dtype=model.get_input_embeddings().weight.dtype)
     if lora_layers(model):
         raise QLoraKitError("this model already has LoRA adapters; load a fresh base to add new ones")
     names = match_targets(model, config.targets)

@@ -8,18 +8,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qlora_kit import QLoraKitError, QuantConfig, QuantLinear, load_model
-from qlora_kit.quant import roundtrip
+from qlora_kit.quant import fast_dtype, roundtrip
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "llama-tied"])
 def test_loads_quantised_and_frozen_with_bf16_rest(tiny_dirs, arch):
     path = tiny_dirs(arch)
-    model, tok = load_model(path, quant=QuantConfig(), progress=False)
+    model, tok = load_model(path, quant=QuantConfig(compute_dtype=torch.bfloat16), progress=False)
     quantised = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantised) == 2 * 7
     assert not any("lm_head" in n for n in quantised)
     assert all(not p.requires_grad for p in model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # never upcast to fp32
+    auto, _ = load_model(path, progress=False)  # "auto": bf16 where the hardware is fast at it, else fp32
+    assert auto.get_input_embeddings().weight.dtype == fast_dtype("cpu")
     if arch == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     if arch == "llama-tied":

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from qlora_kit import QLoraKitError, QuantConfig, QuantLinear
 from qlora_kit.quant import roundtrip
 
+BF16 = torch.bfloat16
 CONFIGS = [
-    QuantConfig(bits=4, quant_type="nf4", double_quant=True),
-    QuantConfig(bits=4, quant_type="nf4", double_quant=False, blocksize=128),
-    QuantConfig(bits=4, quant_type="fp4", double_quant=True, blocksize=32),
-    QuantConfig(bits=8),
+    QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=BF16),
+    QuantConfig(bits=4, quant_type="nf4", double_quant=False, blocksize=128, compute_dtype=BF16),
+    QuantConfig(bits=4, quant_type="fp4", double_quant=True, blocksize=32, compute_dtype=BF16),
+    QuantConfig(bits=8, compute_dtype=BF16),
 ]
 
 
