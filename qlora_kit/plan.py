@@ -46,7 +46,9 @@ OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 
 # Framework overhead (the assumptions behind the `overhead` line):
 # CPU: the Python interpreter with torch, transformers and bitsandbytes imported and their thread
-#   pools and kernels warmed up, as resident memory; calibrated on this project's CPU machines.
+#   pools and kernels warmed up, as resident memory (560 MiB), plus glibc's heap keeping freed step
+#   tensors resident, taken as 50% of the bytes that come and go; both calibrated with
+#   benchmarks/plan_accuracy.py on this project's CPU machines.
 # CUDA: the CUDA context, cuBLAS workspaces and loaded kernels (about 0.5 GiB with lazy module
 #   loading, CUDA >= 11.7), plus the caching allocator's fragmentation, taken as 20% of the bytes
 #   that come and go during a step (activations and logits); weights are allocated once and do not
@@ -54,6 +56,7 @@ OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 CPU_INTERPRETER_BYTES = 560 * MiB
 CUDA_CONTEXT_BYTES = 512 * MiB
 CUDA_FRAGMENTATION = 0.20
+CPU_FRAGMENTATION = 0.50
 
 # bitsandbytes' 8-bit optimisers keep fp32 state for tensors smaller than this (min_8bit_size),
 # quantise the rest in blocks of 256 with one fp32 absmax per block and state, and share two
@@ -299,7 +302,7 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
     total += cb * (2 * q + 2 * kv) + 4 * shape.heads    # rotated q, k; v; attention output; logsumexp
     if shape.qk_norm:
         total += 4 * (q + kv)
-    total += shared(("o_proj",), q) + branch("o_proj", q)
+    total += branch("o_proj", q)              # undropped, o_proj's input is attention's saved output
     total += shared(("gate_proj", "up_proj"), h) + branch("gate_proj", h) + branch("up_proj", h)
     total += 3 * cb * i                                 # gate, act(gate), up
     total += shared(("down_proj",), i) + branch("down_proj", i)
@@ -441,19 +444,24 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     residual = cb * shape.hidden * tokens
     rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables
     final_norm = (4 + cb) * shape.hidden * tokens + cb * shape.hidden * tokens   # fp32 norm input, output, loss copy
+    # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
+    # one: the peak is what stays alive throughout plus the larger of those two phases.
     if gradient_checkpointing:
-        kept = shape.layers * residual
-        block = per_block * tokens + cast_weights
+        kept = shape.layers * residual + rotary
+        block_phase = per_block * tokens + cast_weights + transient
     else:
-        kept = shape.layers * (per_block * tokens + cast_weights)
-        block = 0
-    activations = int(kept + block + transient + dequant + rotary + final_norm)
+        kept = shape.layers * (per_block * tokens + cast_weights) + rotary
+        block_phase = transient
     logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens)
+    loss_peak = final_norm + logits >= block_phase
+    activations = int(kept + dequant + (final_norm if loss_peak else block_phase))
+    logits = logits if loss_peak else 0
 
+    dynamic = activations + logits
     if device == "cuda":
-        overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * (activations + logits))
+        overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * dynamic)
     else:
-        overhead = CPU_INTERPRETER_BYTES
+        overhead = CPU_INTERPRETER_BYTES + int(CPU_FRAGMENTATION * dynamic)
 
     components = {
         "quantized_weights": qbytes, "quant_constants": qconst, "unquantized_weights": unquant,
@@ -461,7 +469,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         "optimizer_state": optimizer_bytes(sizes, optimizer),
         "activations": activations, "logits_loss": logits, "overhead": overhead,
     }
-    notes = []
+    notes = [f"peak during the backward pass of {'the loss (head + cross-entropy)' if loss_peak else 'a decoder block'}"]
     if shape.family not in _FAMILIES:
         notes.append(f"model_type {shape.family!r} is planned as a Llama-style decoder (q/k/v/o, gate/up/down)")
     if optimizer.startswith("paged") and device == "cuda":
