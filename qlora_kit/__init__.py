@@ -5,6 +5,7 @@
     ...train...
     qlora_kit.save_adapter(model, "out/adapter")
     merged = qlora_kit.merge_lora(model)          # small models, in memory
+    print(qlora_kit.plan_memory("llama-3.1-8b", batch=2, seq_len=2048).summary())   # before any download
 
 The flow is one way: load (quantise) -> add adapters -> train -> save adapter -> merge/export.
 """
@@ -15,6 +16,7 @@ from .loading import load_model, set_gradient_checkpointing  # noqa: E402
 from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lora_state_dict,  # noqa: E402
                    merge_lora, merged_state_dict, trainable_parameters)
 from .models import smollm2_path  # noqa: E402
+from .plan import MemoryPlan, check_fits, plan_memory  # noqa: E402
 from .quant import QuantConfig, QuantLinear  # noqa: E402
 
 __all__ = [
@@ -23,5 +25,6 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter",
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
     "trainable_parameters", "smollm2_path", "QuantLinear", "LoraLinear",
+    "plan_memory", "MemoryPlan", "check_fits",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from .errors import QLoraKitError
 COMMANDS = [
     "qlora_kit.commands.train",
     "qlora_kit.commands.generate",
+    "qlora_kit.commands.plan",
 ]
 
 

@@ -1,0 +1,531 @@
+"""How much memory a QLoRA run needs, computed from the model's config before anything is loaded.
+
+Two kinds of numbers live here. Static bytes (quantised weights and their constants, unquantised
+weights, adapters, their gradients, optimiser state) are exact: they repeat, tensor for tensor, what
+`load_model`, `add_lora` and the optimisers allocate. Dynamic bytes (activations, logits, framework
+overhead) follow a model of what stays alive during a step, checked against real steps on CPU
+(benchmarks/plan_accuracy.py) and against published figures (tests/test_plan.py).
+
+What stays alive with per-block, non-reentrant gradient checkpointing:
+  * every decoder block's input hidden state (batch x seq x hidden, compute dtype);
+  * during the backward pass, one block recomputed with everything its backward needs, plus the
+    gradients flowing through it;
+  * the chunked loss (losses.py): one chunk of fp32 logits, its log-softmax and their gradients.
+Without checkpointing every block keeps its internals from the forward pass to the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import QLoraKitError, closest, first_few
+from .lora import LoraConfig
+from .quant import QuantConfig, as_dtype, dtype_name
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# Usable memory as the cards report it (nvidia-smi totals), for the verdict table.
+GPUS = {
+    "RTX 3060 12GB": 12288 * MiB,
+    "T4 16GB": 15360 * MiB,
+    "RTX 3090/4090 24GB": 24576 * MiB,
+    "A100 40GB": 40960 * MiB,
+    "A100 80GB": 81920 * MiB,
+    "H100 80GB": 81559 * MiB,
+}
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
+
+# Framework overhead (the assumptions behind the `overhead` line):
+# CPU: the Python interpreter with torch, transformers and bitsandbytes imported and their thread
+#   pools and kernels warmed up, as resident memory (560 MiB), plus glibc's heap keeping freed step
+#   tensors resident, taken as 50% of the bytes that come and go; both calibrated with
+#   benchmarks/plan_accuracy.py on this project's CPU machines.
+# CUDA: the CUDA context, cuBLAS workspaces and loaded kernels (about 0.5 GiB with lazy module
+#   loading, CUDA >= 11.7), plus the caching allocator's fragmentation, taken as 20% of the bytes
+#   that come and go during a step (activations and logits); weights are allocated once and do not
+#   fragment.
+CPU_INTERPRETER_BYTES = 560 * MiB
+CUDA_CONTEXT_BYTES = 512 * MiB
+CUDA_FRAGMENTATION = 0.20
+CPU_FRAGMENTATION = 0.50
+
+# bitsandbytes' 8-bit optimisers keep fp32 state for tensors smaller than this (min_8bit_size),
+# quantise the rest in blocks of 256 with one fp32 absmax per block and state, and share two
+# 256-entry fp32 code tables.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPT_BLOCK = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shape: the numbers of a config.json that decide memory
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer's shape, as far as memory is concerned."""
+
+    name: str
+    family: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norms_per_layer: int = 2      # gemma 2/3 have four
+    qk_norm: bool = False         # qwen3 / gemma 3 normalise q and k per head
+    rotary_tables: int = 1        # gemma 3 has a local and a global rotary embedding
+
+    def linears(self) -> list[tuple[str, int, int, bool]]:
+        """(module path inside a block, in_features, out_features, has_bias) for one decoder block."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return [
+            ("self_attn.q_proj", h, q, self.qkv_bias),
+            ("self_attn.k_proj", h, kv, self.qkv_bias),
+            ("self_attn.v_proj", h, kv, self.qkv_bias),
+            ("self_attn.o_proj", q, h, self.o_bias),
+            ("mlp.gate_proj", h, i, self.mlp_bias),
+            ("mlp.up_proj", h, i, self.mlp_bias),
+            ("mlp.down_proj", i, h, self.mlp_bias),
+        ]
+
+    def parameters(self) -> int:
+        """Total parameter count (an embedding tied to the head counts once)."""
+        per_layer = sum(i * o + (o if b else 0) for _, i, o, b in self.linears())
+        per_layer += self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
+
+
+# family -> (default tie_word_embeddings, norms per layer, q/k norm, rotary tables)
+_FAMILIES = {
+    "llama": (False, 2, False, 1), "mistral": (False, 2, False, 1), "qwen2": (False, 2, False, 1),
+    "qwen3": (True, 2, True, 1), "gemma": (True, 2, False, 1), "gemma2": (True, 4, False, 1),
+    "gemma3_text": (True, 4, True, 2),
+}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """Read a config.json (as a dict) into a ModelShape; missing fields are named in the error."""
+    if "text_config" in config and "hidden_size" not in config:  # multimodal wrappers (Gemma 3 4B+)
+        text = dict(config["text_config"])
+        text.setdefault("model_type", config.get("model_type", "") + "_text")
+        config = {**text, "tie_word_embeddings": config.get("tie_word_embeddings", text.get("tie_word_embeddings"))}
+    missing = [k for k in _REQUIRED if config.get(k) is None]
+    if missing:
+        raise QLoraKitError(f"{name}: config.json lacks {', '.join(missing)}, which the memory plan needs "
+                            "(a decoder-only causal LM config has them all)")
+    family = str(config.get("model_type", "llama"))
+    if family == "gemma3":
+        family = "gemma3_text"
+    tied_default, norms, qk_norm, rotary = _FAMILIES.get(family, _FAMILIES["llama"])
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    tied = config.get("tie_word_embeddings")
+    attention_bias = bool(config.get("attention_bias", False))
+    return ModelShape(
+        name=name, family=family, hidden=hidden, intermediate=int(config["intermediate_size"]),
+        layers=int(config["num_hidden_layers"]), heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+        tied=tied_default if tied is None else bool(tied),
+        qkv_bias=True if family == "qwen2" else attention_bias,
+        o_bias=False if family == "qwen2" else attention_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        norms_per_layer=norms, qk_norm=qk_norm, rotary_tables=rotary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: public config.json numbers of the popular families (decoder only)
+
+
+def _p(family, hidden, inter, layers, heads, kv, vocab, head_dim=None, tied=None, **extra) -> dict:
+    cfg = {"model_type": family, "hidden_size": hidden, "intermediate_size": inter,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+           "vocab_size": vocab, **extra}
+    if head_dim:
+        cfg["head_dim"] = head_dim
+    if tied is not None:
+        cfg["tie_word_embeddings"] = tied
+    return cfg
+
+
+PRESETS: dict[str, dict] = {
+    "llama-65b": _p("llama", 8192, 22016, 80, 64, 64, 32000),          # LLaMA 1, the QLoRA paper's 65B
+    "llama-2-7b": _p("llama", 4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": _p("llama", 5120, 13824, 40, 40, 40, 32000),
+    "llama-2-70b": _p("llama", 8192, 28672, 80, 64, 8, 32000),
+    "llama-3.1-8b": _p("llama", 4096, 14336, 32, 32, 8, 128256),
+    "llama-3.1-70b": _p("llama", 8192, 28672, 80, 64, 8, 128256),
+    "mistral-7b": _p("mistral", 4096, 14336, 32, 32, 8, 32768),         # v0.3
+    "qwen2.5-7b": _p("qwen2", 3584, 18944, 28, 28, 4, 152064, tied=False),
+    "qwen2.5-14b": _p("qwen2", 5120, 13824, 48, 40, 8, 152064, tied=False),
+    "qwen2.5-32b": _p("qwen2", 5120, 27648, 64, 40, 8, 152064, tied=False),
+    "qwen2.5-72b": _p("qwen2", 8192, 29568, 80, 64, 8, 152064, tied=False),
+    "gemma-2-2b": _p("gemma2", 2304, 9216, 26, 8, 4, 256000, head_dim=256),
+    "gemma-2-9b": _p("gemma2", 3584, 14336, 42, 16, 8, 256000, head_dim=256),
+    "gemma-2-27b": _p("gemma2", 4608, 36864, 46, 32, 16, 256000, head_dim=128),
+    # Gemma 3: the text decoder; the 4B-27B checkpoints also carry a ~0.4B-parameter vision tower.
+    "gemma-3-1b": _p("gemma3_text", 1152, 6912, 26, 4, 1, 262144, head_dim=256),
+    "gemma-3-4b": _p("gemma3_text", 2560, 10240, 34, 8, 4, 262208, head_dim=256),
+    "gemma-3-12b": _p("gemma3_text", 3840, 15360, 48, 16, 8, 262208, head_dim=256),
+    "gemma-3-27b": _p("gemma3_text", 5376, 21504, 62, 32, 16, 262208, head_dim=128),
+}
+
+
+def resolve_shape(model: Any) -> ModelShape:
+    """A ModelShape from a preset name, a model folder or config.json, a config dict or object, or a model."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, dict):
+        return shape_from_config(model)
+    if hasattr(model, "config") and hasattr(model.config, "to_dict"):      # a loaded model
+        model = model.config
+    if hasattr(model, "to_dict"):                                          # a transformers config
+        return shape_from_config(model.to_dict(), getattr(model, "name_or_path", "") or "model")
+    text = str(model)
+    key = text.lower().removeprefix("meta-llama/").removeprefix("qwen/").removeprefix("google/")
+    key = key.removeprefix("mistralai/").removesuffix("-hf").removesuffix("-instruct").removesuffix("-it")
+    if key in PRESETS:
+        return shape_from_config(PRESETS[key], key)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QLoraKitError(f"{path} is not valid JSON: {e}") from None
+        return shape_from_config(config, str(path.parent.name or path))
+    raise QLoraKitError(f"{text!r} is neither a model folder, a config.json nor a known preset{closest(key, PRESETS)}; "
+                        f"presets: {', '.join(PRESETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact static bytes
+
+
+def quantized_bytes(numel: int, rows: int, quant: QuantConfig) -> tuple[int, int]:
+    """(packed weight bytes, constant bytes) of one linear weight, as bitsandbytes allocates them."""
+    if quant.bits == 8:
+        return numel, 4 * rows                                   # int8 + one fp32 scale per row
+    blocks = -(-numel // quant.blocksize)
+    packed = -(-numel // 2)                                      # two 4-bit codes per byte
+    if not quant.double_quant:
+        return packed, 4 * blocks + 4 * 16                       # fp32 absmax + 16-entry code
+    nested = -(-blocks // 256)
+    return packed, blocks + 4 * nested + 4 * 16 + 4 * 256 + 4    # uint8 absmax, fp32 nested absmax, codes, offset
+
+
+def target_layers(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int, int]]:
+    """(full name, in, out) of every linear layer that `targets` selects, named as in the model."""
+    names = [(f"model.layers.{i}.{n}", a, b) for i in range(shape.layers) for n, a, b, _ in shape.linears()]
+    suffixes = [n.rsplit(".", 1)[-1] for n, *_ in shape.linears()]
+    if targets == "all-linear":
+        return names
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [t for t in names if pattern.fullmatch(t[0])]
+    else:
+        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in suffixes]
+        if unknown:
+            raise QLoraKitError(f"LoRA targets {unknown} match no linear layer{closest(unknown[0], suffixes)}; "
+                                f"layers are named: {', '.join(suffixes)}")
+        chosen = [t for t in names if any(t[0] == s or t[0].endswith("." + s) for s in targets)]
+    if not chosen:
+        raise QLoraKitError(f"LoRA targets {targets!r} match no linear layer; use 'all-linear' or some of "
+                            f"{', '.join(suffixes)}")
+    return chosen
+
+
+def optimizer_bytes(param_sizes: list[int], optimizer: str) -> int:
+    """Bytes of optimiser state for fp32 parameters of these sizes, after the first step."""
+    if optimizer == "adamw":                     # exp_avg + exp_avg_sq fp32, and a fp32 step tensor
+        return sum(8 * n + 4 for n in param_sizes)
+    if optimizer == "paged_adamw_32bit":
+        return sum(8 * n for n in param_sizes)
+    total, quantised = 0, False
+    for n in param_sizes:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BNB_OPT_BLOCK)
+            quantised = True
+    return total + (2 * 4 * 256 if quantised else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int, device: str) -> float:
+    """Bytes per token that one decoder block keeps for its backward pass (its internals).
+
+    Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
+    QuantLinear saves no input (its weight is frozen and dequantised again in backward), so what is
+    saved is the norms' fp32 inputs, the LoRA branches' inputs, attention's q/k/v/output/logsumexp,
+    and the MLP's gate, act(gate) and up outputs."""
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    ab = torch.finfo(lora.dtype).bits // 8
+    dropout = lora.dropout > 0
+    mask = 1 if device == "cuda" else cb        # CUDA keeps a bool mask, CPU a scaled noise tensor
+
+    def branch(suffix: str, width: int) -> float:
+        """A LoRA branch: dropout's mask and the A matmul's input (a copy when cast), A's output."""
+        if suffix not in targeted:
+            return 0.0
+        own_input = (mask + ab) * width if dropout else (ab * width if ab != cb else 0)
+        return own_input + ab * lora.r
+
+    def shared(suffixes: tuple[str, ...], width: int) -> float:
+        """Undropped, uncast LoRA branches save the layer's input itself, once for all of them."""
+        return cb * width if not dropout and ab == cb and targeted & set(suffixes) else 0
+
+    total = shape.norms_per_layer * (4 * h + 4)         # RMSNorm keeps its fp32 input and 1/rms
+    total += shared(("q_proj", "k_proj", "v_proj"), h) + sum(branch(s, h) for s in ("q_proj", "k_proj", "v_proj"))
+    total += cb * (2 * q + 2 * kv) + 4 * shape.heads    # rotated q, k; v; attention output; logsumexp
+    if shape.qk_norm:
+        total += 4 * (q + kv)
+    total += branch("o_proj", q)              # undropped, o_proj's input is attention's saved output
+    total += shared(("gate_proj", "up_proj"), h) + branch("gate_proj", h) + branch("up_proj", h)
+    total += 3 * cb * i                                 # gate, act(gate), up
+    total += shared(("down_proj",), i) + branch("down_proj", i)
+    return total
+
+
+def _block_backward_transient_per_token(shape: ModelShape, cb: int) -> float:
+    """Gradients alive at once while one block runs backward: the residual stream's gradient,
+    the MLP's (gate, up, product) gradients and a norm's fp32 gradient."""
+    return 2 * cb * shape.hidden + 3 * cb * shape.intermediate + 8 * shape.hidden
+
+
+def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
+    """Peak of the chunked head + cross-entropy: one chunk's fp32 logits, log-softmax output and
+    the two fp32 gradients of the backward pass, plus the bf16 logits' gradient (14 bytes per logit)."""
+    chunk = min(chunk_tokens, tokens)
+    return 14 * chunk * shape.vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+COMPONENTS = {
+    "quantized_weights": "quantised weights (packed)",
+    "quant_constants": "quantisation constants",
+    "unquantized_weights": "unquantised weights (embeddings, norms, head)",
+    "adapters": "LoRA adapters (fp32)",
+    "adapter_grads": "adapter gradients (fp32)",
+    "optimizer_state": "optimiser state",
+    "activations": "activations",
+    "logits_loss": "logits and loss (chunked)",
+    "overhead": "framework overhead",
+}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per component of one training step's peak, and what they add up to."""
+
+    model: str
+    settings: dict
+    components: dict[str, int]
+    parameters: int
+    trainable_parameters: int
+    notes: list[str] = field(default_factory=list)
+    _inputs: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def weights(self) -> int:
+        """Bytes of the model as loaded with its adapters (what inference needs, before activations)."""
+        c = self.components
+        return c["quantized_weights"] + c["quant_constants"] + c["unquantized_weights"] + c["adapters"]
+
+    def fits(self, budget_bytes: int | float) -> bool:
+        return self.total <= budget_bytes
+
+    def with_settings(self, **changes) -> "MemoryPlan":
+        """The same plan with other settings (batch, seq_len, ...)."""
+        return plan_memory(**{**self._inputs, **changes})
+
+    def max_batch_seq(self, budget_bytes: int | float, seq_lens: tuple[int, ...] | None = None) -> dict[int, int]:
+        """{seq_len: largest batch that fits budget_bytes} (0 where even batch 1 does not fit)."""
+        seq_lens = seq_lens or tuple(sorted({512, 1024, 2048, 4096, 8192, self.settings["seq_len"]}))
+        out = {}
+        for seq in seq_lens:
+            lo, hi = 0, 1
+            while self.with_settings(batch=hi, seq_len=seq).fits(budget_bytes) and hi < 1 << 16:
+                lo, hi = hi, hi * 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self.with_settings(batch=mid, seq_len=seq).fits(budget_bytes) else (lo, mid)
+            out[seq] = lo
+        return out
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "settings": self.settings, "components": dict(self.components),
+                "total": self.total, "parameters": self.parameters,
+                "trainable_parameters": self.trainable_parameters, "notes": list(self.notes)}
+
+    def summary(self) -> str:
+        """One line for logs: the model, the settings that matter and the total."""
+        s, c = self.settings, self.components
+        quant = "bf16" if s["quant"] is None else (
+            f"{s['quant']['quant_type']}{'+dq' if s['quant']['double_quant'] else ''}" if s["quant"]["bits"] == 4 else "int8")
+        static = self.total - c["activations"] - c["logits_loss"] - c["overhead"]
+        return (f"memory plan: {self.model} {quant} r{s['r']} batch {s['batch']} x seq {s['seq_len']}"
+                f"{'' if s['gradient_checkpointing'] else ' no-ckpt'} {s['optimizer']} on {s['device']}: "
+                f"{self.total / GiB:.2f} GiB (static {static / GiB:.2f}, activations+logits "
+                f"{(c['activations'] + c['logits_loss']) / GiB:.2f}, overhead {c['overhead'] / GiB:.2f})")
+
+
+def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(), lora: LoraConfig | None = None,
+                batch: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
+                optimizer: str = "paged_adamw_8bit", device: str = "cuda", chunk_tokens: int = 1024) -> MemoryPlan:
+    """Plan the memory of a QLoRA training step.
+
+    model_or_config: a preset name ('llama-3.1-8b'), a model folder or config.json, a config dict or
+    transformers config, or a loaded model. The other arguments are the run's settings, as the
+    loader, `add_lora`, the optimiser and `causal_lm_loss` take them. device 'cuda' adds the CUDA
+    context and allocator overhead; 'cpu' adds the interpreter's resident memory.
+    """
+    lora = lora or LoraConfig()
+    shape = resolve_shape(model_or_config)
+    _check_settings(shape, lora, batch, seq_len, optimizer, device, chunk_tokens)
+    cdtype = quant.compute_dtype if quant is not None else torch.bfloat16
+    cb = torch.finfo(cdtype).bits // 8
+
+    qbytes = qconst = 0
+    unquant = shape.vocab * shape.hidden * cb * (1 if shape.tied else 2)
+    unquant += cb * shape.hidden * (shape.layers * shape.norms_per_layer + 1)
+    unquant += cb * shape.layers * (2 * shape.head_dim if shape.qk_norm else 0)
+    unquant += 4 * shape.rotary_tables * 2 * (shape.head_dim // 2)   # rotary inv_freq, original_inv_freq
+    for _, a, b, bias in shape.linears():
+        unquant += shape.layers * (cb * b if bias else 0)
+        if quant is None:
+            unquant += shape.layers * cb * a * b
+        else:
+            packed, const = quantized_bytes(a * b, b, quant)
+            qbytes += shape.layers * packed
+            qconst += shape.layers * const
+
+    chosen = target_layers(shape, lora.targets)
+    sizes = [n for _, a, b in chosen for n in (lora.r * a, lora.r * b)]
+    trainable = sum(sizes)
+    targeted = {name.rsplit(".", 1)[-1] for name, *_ in chosen}
+
+    tokens = batch * seq_len
+    per_block = _block_saved_per_token(shape, lora, targeted, cb, device)
+    ab = torch.finfo(lora.dtype).bits // 8
+    cast_weights = (ab * trainable // shape.layers) if ab != 4 else 0   # adapters cast to bf16 per block
+    transient = _block_backward_transient_per_token(shape, cb) * tokens
+    largest = max(a * b for _, a, b, _ in shape.linears())
+    dequant = largest * (cb if quant is None or quant.bits == 4 else 4 + cb)   # one weight dequantised at a time
+    residual = cb * shape.hidden * tokens
+    rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables
+    final_norm = (4 + cb) * shape.hidden * tokens + cb * shape.hidden * tokens   # fp32 norm input, output, loss copy
+    # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
+    # one: the peak is what stays alive throughout plus the larger of those two phases.
+    if gradient_checkpointing:
+        kept = shape.layers * residual + rotary
+        block_phase = per_block * tokens + cast_weights + transient
+    else:
+        kept = shape.layers * (per_block * tokens + cast_weights) + rotary
+        block_phase = transient
+    logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens)
+    loss_peak = final_norm + logits >= block_phase
+    activations = int(kept + dequant + (final_norm if loss_peak else block_phase))
+    logits = logits if loss_peak else 0
+
+    dynamic = activations + logits
+    if device == "cuda":
+        overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * dynamic)
+    else:
+        overhead = CPU_INTERPRETER_BYTES + int(CPU_FRAGMENTATION * dynamic)
+
+    components = {
+        "quantized_weights": qbytes, "quant_constants": qconst, "unquantized_weights": unquant,
+        "adapters": 4 * trainable, "adapter_grads": 4 * trainable,
+        "optimizer_state": optimizer_bytes(sizes, optimizer),
+        "activations": activations, "logits_loss": logits, "overhead": overhead,
+    }
+    notes = [f"peak during the backward pass of {'the loss (head + cross-entropy)' if loss_peak else 'a decoder block'}"]
+    if shape.family not in _FAMILIES:
+        notes.append(f"model_type {shape.family!r} is planned as a Llama-style decoder (q/k/v/o, gate/up/down)")
+    if optimizer.startswith("paged") and device == "cuda":
+        notes.append("paged optimiser state is counted on the GPU; under pressure it pages out to CPU RAM")
+    settings = {
+        "quant": None if quant is None else quant.to_dict(), "r": lora.r, "alpha": lora.alpha,
+        "targets": lora.targets, "dropout": lora.dropout, "adapter_dtype": dtype_name(lora.dtype),
+        "batch": batch, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer, "device": device, "chunk_tokens": chunk_tokens,
+    }
+    inputs = dict(model_or_config=shape, quant=quant, lora=lora, batch=batch, seq_len=seq_len,
+                  gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, device=device,
+                  chunk_tokens=chunk_tokens)
+    return MemoryPlan(shape.name, settings, components, shape.parameters(), trainable, notes, inputs)
+
+
+def _check_settings(shape: ModelShape, lora: LoraConfig, batch: int, seq_len: int, optimizer: str,
+                    device: str, chunk_tokens: int) -> None:
+    for what, value in (("batch", batch), ("seq_len", seq_len), ("chunk_tokens", chunk_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise QLoraKitError(f"{what}={value!r} must be a positive integer")
+    if seq_len < 2:
+        raise QLoraKitError(f"seq_len={seq_len}: next-token training needs at least 2 tokens per sequence")
+    if lora.r > shape.hidden:
+        raise QLoraKitError(f"LoRA rank r={lora.r} is above the model's hidden size {shape.hidden}: a low-rank "
+                            "adapter must have r well below it (8-64 is usual)")
+    if optimizer not in OPTIMIZERS:
+        raise QLoraKitError(f"unknown optimizer {optimizer!r}{closest(optimizer, OPTIMIZERS)}: "
+                            f"use one of {', '.join(OPTIMIZERS)}")
+    if device not in ("cuda", "cpu"):
+        raise QLoraKitError(f"device={device!r}: plan for 'cuda' or 'cpu'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Used by the trainer
+
+
+def free_memory(device: str | torch.device) -> int:
+    """Bytes free on the device now: the GPU's free memory, or the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(plan: MemoryPlan, device: str | torch.device = "cuda", free_bytes: int | None = None) -> str | None:
+    """A warning to print before loading when the plan exceeds the device's free memory, else None."""
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if plan.total <= free:
+        return None
+    c = plan.components
+    biggest = max(("activations", "logits_loss", "optimizer_state"), key=lambda k: c[k])
+    return (f"this run is planned to need {plan.total / GiB:.1f} GiB but {torch.device(device)} has "
+            f"{free / GiB:.1f} GiB free; it will likely run out of memory. The largest part that settings "
+            f"change is {COMPONENTS[biggest]} ({c[biggest] / GiB:.1f} GiB): lower batch or seq_len, keep "
+            "gradient checkpointing on, or use a paged 8-bit optimiser")
