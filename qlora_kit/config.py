@@ -74,7 +74,7 @@ class TrainSection:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
-    optimizer: str = "paged_adamw_8bit"   # paged_adamw_8bit | adamw_8bit | adamw
+    optimizer: str = "paged_adamw_8bit"   # paged_adamw_8bit | adamw_8bit | paged_adamw_32bit | adamw
     weight_decay: float = 0.0
     schedule: str = "cosine"         # cosine | linear | constant
     warmup_steps: int = 0
@@ -135,7 +135,7 @@ class RunConfig:
         return self
 
 
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 
 
 def _check(ok: bool, key: str, value, advice: str) -> None:

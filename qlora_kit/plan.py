@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from .config import OPTIMIZERS
 from .errors import QLoraKitError, closest, first_few
 from .lora import LoraConfig
-from .quant import QuantConfig, as_dtype, dtype_name
+from .quant import QuantConfig, as_dtype, dtype_name, resolve_dtype
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -42,7 +43,6 @@ GPUS = {
     "H100 80GB": 81559 * MiB,
 }
 
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 
 # Framework overhead (the assumptions behind the `overhead` line):
 # CPU: the Python interpreter with torch, transformers and bitsandbytes imported and their thread
@@ -411,8 +411,14 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     """
     lora = lora or LoraConfig()
     shape = resolve_shape(model_or_config)
+    if device not in ("cuda", "cpu"):
+        raise QLoraKitError(f"device={device!r}: plan for 'cuda' or 'cpu'")
+    cdtype = resolve_dtype(quant.compute_dtype if quant is not None else "auto", device)
+    if quant is not None:
+        quant = replace(quant, compute_dtype=cdtype)
+    if lora.dtype == "auto":  # adapters compute in the model's dtype, as add_lora does
+        lora = replace(lora, dtype=cdtype)
     _check_settings(shape, lora, batch, seq_len, optimizer, device, chunk_tokens)
-    cdtype = quant.compute_dtype if quant is not None else torch.bfloat16
     cb = torch.finfo(cdtype).bits // 8
 
     qbytes = qconst = 0
@@ -499,8 +505,6 @@ def _check_settings(shape: ModelShape, lora: LoraConfig, batch: int, seq_len: in
     if optimizer not in OPTIMIZERS:
         raise QLoraKitError(f"unknown optimizer {optimizer!r}{closest(optimizer, OPTIMIZERS)}: "
                             f"use one of {', '.join(OPTIMIZERS)}")
-    if device not in ("cuda", "cpu"):
-        raise QLoraKitError(f"device={device!r}: plan for 'cuda' or 'cpu'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def build_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_dec
 
     # On CPU the paged optimiser falls back to ordinary memory and says so at every first step.
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -176,6 +177,26 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: i
     return int(state["step"])
 
 
+def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
+    """Print the memory plan in one line, and warn before loading if it will not fit."""
+    import warnings
+
+    from .plan import check_fits, plan_memory
+
+    t = config.train
+    try:
+        plan = plan_memory(model_path, config.quant.build(), config.lora.build(t.seed), batch=t.batch_size,
+                           seq_len=config.data.max_seq_len, gradient_checkpointing=t.gradient_checkpointing,
+                           optimizer=t.optimizer, device=device.type, chunk_tokens=t.loss_chunk_tokens)
+    except QLoraKitError as e:  # a model family the planner does not know must not stop training
+        print(f"qlora-kit: no memory plan ({e})")
+        return
+    print(f"qlora-kit: {plan.summary()}")
+    warning = check_fits(plan, device)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -227,6 +248,8 @@ def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool 
 
     model_path = resolve_model_path(config.model.path)
     quant = config.quant.build()
+    if main:
+        announce_plan(model_path, config, device)
     model, tokenizer = load_model(model_path, quant=quant, device=device, trust_remote_code=config.model.trust_remote_code,
                                   progress=progress and main)
     tokenizer = prepare_tokenizer(tokenizer)

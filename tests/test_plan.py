@@ -113,7 +113,8 @@ def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, 
         model.model.layers[0](x, attention_mask=None, position_embeddings=rotary, position_ids=pos)
     measured = (sum(saved.values()) - nbytes([x])) / (batch * seq)
     targeted = {n.rsplit(".", 1)[-1] for n in lora_layers(model)}
-    predicted = _block_saved_per_token(resolve_shape(model), lora, targeted, 2, "cpu")
+    cb = model.get_input_embeddings().weight.element_size()  # the resolved compute dtype
+    predicted = _block_saved_per_token(resolve_shape(model), model.lora_config, targeted, cb, "cpu")
     assert predicted == pytest.approx(measured, rel=0.05)
 
 

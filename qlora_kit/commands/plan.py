@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="paged_adamw_8bit",
                    help="paged_adamw_8bit, adamw_8bit, paged_adamw_32bit or adamw")
-    p.add_argument("--adapter-dtype", default="bf16", help="dtype of the adapter matmuls (master weights are fp32)")
+    p.add_argument("--adapter-dtype", default="auto",
+                   help="dtype of the adapter matmuls (master weights are fp32); auto = the compute dtype")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--gpu-gb", type=float, help="also judge a card with this much memory (GiB, as cards are sold)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
