@@ -118,3 +118,147 @@ def write_adapter(folder: Path, hidden: int, layers: int, intermediate: int, r: 
     cfg = peft_config_dict(LoraConfig(r=r, alpha=2 * r), modules, None, {"quant": QuantConfig().to_dict()})
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def write_small_adapter(folder: Path, base: Path, r: int = 16) -> Path:
+    """A qlora_kit adapter on the small model's 4-bit base, all linear layers, random non-zero B."""
+    import torch
+
+    from qlora_kit import LoraConfig, add_lora, load_model, lora_layers, save_adapter
+
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    model, _ = load_model(base, load_tokenizer=False, progress=False)
+    add_lora(model, LoraConfig(r=r, alpha=2 * r, dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.01)
+    save_adapter(model, folder)
+    return folder
+
+
+# ---------------------------------------------------------------- measuring children
+
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache, so the next reader goes to disk."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(code: str, *args: str) -> dict:
+    """Run `code` in a fresh Python; its wall time and its own peak RSS (ru_maxrss of that child)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child failed ({os.waitstatus_to_exitcode(status)}): {code[:80]}...")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+COPY = """
+import os, shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True)
+for f in sorted(src.iterdir()):
+    if f.is_file():
+        shutil.copyfile(f, dst / f.name)
+        fd = os.open(dst / f.name, os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+EXPORT = """
+import sys
+from qlora_kit import export_merged
+export_merged(sys.argv[1], sys.argv[2], sys.argv[3], merge_into=sys.argv[4], verify=False, progress=False)
+"""
+
+USUAL = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                       bnb_4bit_compute_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=q, device_map="cpu")
+model = model.dequantize()
+model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3], safe_serialization=True)
+"""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+
+
+def compare_with_copy(base: Path, adapter: Path, scratch: Path, merge_bases: list[str]) -> dict:
+    result = {"checkpoint_bytes": folder_bytes(base)}
+    evict(base)
+    copy = measure(COPY, str(base), str(scratch / "copy"))
+    shutil.rmtree(scratch / "copy")
+    copy["gib_per_s"] = round(result["checkpoint_bytes"] / GIB / copy["wall_s"], 3)
+    result["file_copy"] = copy
+    for merge_into in merge_bases:
+        evict(base)
+        out = scratch / f"export-{merge_into}"
+        run = measure(EXPORT, str(base), str(adapter), str(out), merge_into)
+        run["out_bytes"] = folder_bytes(out)
+        run["gib_per_s"] = round(result["checkpoint_bytes"] / GIB / run["wall_s"], 3)
+        run["throughput_vs_copy"] = round(copy["wall_s"] / run["wall_s"], 3)
+        run["report"] = {k: v for k, v in json.loads((out / "report.json").read_text()).items()
+                         if k in ("shards", "tensors", "adapted_modules", "times_s", "merge_into")}
+        shutil.rmtree(out)
+        result[f"export_{merge_into}"] = run
+    return result
+
+
+def compare_with_usual(base: Path, adapter: Path, scratch: Path) -> dict:
+    result = {"model": str(base), "checkpoint_bytes": folder_bytes(base)}
+    for name, code, args in [("export_dequantized", EXPORT, ["dequantized"]), ("usual_route", USUAL, [])]:
+        evict(base)
+        out = scratch / name
+        result[name] = measure(code, str(base), str(adapter), str(out), *args)
+        shutil.rmtree(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=default_cache(), help="where the checkpoint is kept (reused)")
+    parser.add_argument("--scratch", type=Path, help="where outputs are written and removed (default: CACHE/scratch)")
+    parser.add_argument("--merge-into", nargs="+", default=["dequantized", "original"])
+    parser.add_argument("--small", default="smollm2", help="'smollm2', 'none', or a model folder")
+    parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    scratch = args.scratch or args.cache / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    figures: dict = {"cpu_count": os.cpu_count()}
+    if not args.skip_7b:
+        base = write_checkpoint(args.cache / "llama2-7b-shaped", **LLAMA2_7B)
+        adapter = write_adapter(args.cache / "llama2-7b-shaped-adapter-r16", LLAMA2_7B["hidden"],
+                                LLAMA2_7B["layers"], LLAMA2_7B["intermediate"])
+        figures["llama2_7b_shaped"] = compare_with_copy(base, adapter, scratch, args.merge_into)
+    if args.small != "none":
+        from qlora_kit.models import resolve_model_path
+
+        small = resolve_model_path(args.small)
+        adapter = write_small_adapter(args.cache / f"{small.name}-adapter-r16", small)
+        figures["small_model"] = compare_with_usual(small, adapter, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
