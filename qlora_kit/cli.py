@@ -13,6 +13,7 @@ from .errors import QLoraKitError
 # module -> its register(subparsers) adds one subcommand whose handler is set with set_defaults(func=...)
 COMMANDS = [
     "qlora_kit.commands.generate",
+    "qlora_kit.commands.export",
 ]
 
 
