@@ -257,7 +257,8 @@ class _Merger:
         delta = lora_delta(a, b, self.scale)
         if norms is not None:
             module = key.removesuffix(".weight")
-            norms[module] = {"delta": _fro(delta), "weight": _fro(w), "relative": _fro(delta) / max(_fro(w), 1e-30)}
+            d, n = _fro(delta), _fro(w)
+            norms[module] = {"delta": d, "weight": n, "relative": d / max(n, 1e-30)}
         return w.add_(delta)
 
     def merged(self, key: str, tensor: torch.Tensor, norms: dict | None = None) -> torch.Tensor:
