@@ -36,7 +36,7 @@ import torch
 from .adapters import read_adapter
 from .errors import QLoraKitError, first_few
 from .io import atomic_dir
-from .loading import build_empty_model, load_config, safetensors_files
+from .loading import build_empty_model, iter_safetensors, load_config, safetensors_files
 from .lora import LoraConfig, lora_delta, linear_layer_names
 from .models import resolve_model_path
 from .quant import QuantConfig, as_dtype, dtype_name, roundtrip
@@ -113,7 +113,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     merger = _Merger(pairs, lora, quant, quantised, effective, dtype)
     norms: dict[str, dict] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        source = _iter_tensors(files)
+        source = iter_safetensors(files)
         bar = _progress(len(plan), progress)
         for index, entries in enumerate(shards):
             name = _shard_name(index, len(shards))
@@ -184,12 +184,6 @@ def _plan(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
             raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
                                 "corrupt: copy or convert it again") from None
     return plan
-
-
-def _iter_tensors(files: list[Path]):
-    from .loading import iter_safetensors
-
-    yield from iter_safetensors(files)
 
 
 def _pair_adapter(tensors: dict[str, torch.Tensor], plan, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -367,11 +361,13 @@ def _check_disk(out: Path, needed: int) -> None:
 
 
 def _human(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return f"{n} B"
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _progress(total: int, enabled: bool):
@@ -439,7 +435,7 @@ def _swap_in(model, files: list[Path], merger: _Merger) -> None:
     """Overwrite the loaded export's weights with another merge base's, one tensor at a time."""
     params = model.state_dict()
     with torch.no_grad():
-        for key, tensor in _iter_tensors(files):
+        for key, tensor in iter_safetensors(files):
             if key in params:
                 params[key].copy_(merger.merged(key, tensor).float())
 

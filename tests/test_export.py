@@ -23,7 +23,7 @@ Q4 = QuantConfig()
 FAST = dict(progress=False, verify=False)
 
 
-def trained_adapter(base, out, quant=Q4, r=4, seed=1, **lora):
+def trained_adapter(base, out, quant=Q4, r=4, seed=1, extra=None, **lora):
     """Save an adapter with random non-zero B (as after training); return the model that holds it."""
     model, _ = load_model(base, quant=quant, load_tokenizer=False, progress=False)
     add_lora(model, LoraConfig(r=r, dropout=0.0, **lora))
@@ -31,7 +31,7 @@ def trained_adapter(base, out, quant=Q4, r=4, seed=1, **lora):
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    save_adapter(model, out)
+    save_adapter(model, out, extra=extra)
     return model
 
 
@@ -271,11 +271,13 @@ def test_cli_export_and_its_errors(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_export_loads_and_matches(smollm2_dir, tmp_path):
     """The real model: tied embeddings, 30 layers, an all-linear rank-16 adapter with non-zero B."""
-    trained_adapter(smollm2_dir, tmp_path / "a", r=16, alpha=32)
+    # the adapter's tensors do not depend on the base's storage: skip quantising here, record NF4 as trained
+    trained_adapter(smollm2_dir, tmp_path / "a", quant=None, r=16, alpha=32, extra={"quant": Q4.to_dict()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = export_merged(smollm2_dir, tmp_path / "a", tmp_path / "out", progress=False)
     v = report["verify"]
+    assert report["quant_source"] == "adapter" and report["merge_into"] == "dequantized"
     assert v["missing_keys"] == [] and v["unexpected_keys"] == [] and report["adapted_modules"] == 210
     assert v["logit_rel_error"]["dequantized"] < 2e-2 < v["logit_rel_error"]["original"]
     assert (tmp_path / "out" / "tokenizer.json").is_file()
