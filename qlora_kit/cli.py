@@ -15,6 +15,7 @@ COMMANDS = [
     "qlora_kit.commands.train",
     "qlora_kit.commands.generate",
     "qlora_kit.commands.plan",
+    "qlora_kit.commands.export",
 ]
 
 
