@@ -42,10 +42,12 @@ def peft_config_dict(config: LoraConfig, module_names: list[str], base_model: st
 
 
 def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | None = None,
-                 overwrite: bool = True, extra: dict | None = None) -> Path:
+                 overwrite: bool = True, extra: dict | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters to `out` atomically, in PEFT's layout.
 
-    dtype: tensor dtype in the file; default fp32 (the master weights, so reloading is exact)."""
+    dtype: tensor dtype in the file; default fp32 (the master weights, so reloading is exact).
+    tensors: the adapter tensors, if not the model's own (a sharded model passes gathered ones)."""
     from safetensors.torch import save_file
 
     config: LoraConfig | None = getattr(model, "lora_config", None)
@@ -53,7 +55,8 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
     if config is None or not layers:
         raise QLoraKitError("this model has no LoRA adapters to save: call add_lora(model, ...) first")
     dtype = as_dtype(dtype) if dtype is not None else torch.float32
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = tensors if tensors is not None else lora_state_dict(model)
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     base = getattr(model.config, "_name_or_path", None) or None
     quant = getattr(model, "quant_config", None)
     info = {"quant": quant.to_dict() if quant is not None else None, **(extra or {})}

@@ -80,6 +80,7 @@ class TrainSection:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = True
+    fsdp: bool = False               # with several processes: shard the 4-bit weights (FSDP2), not replicate
     loss_chunk_tokens: int = 1024
     eval_every: int = 50
     save_every: int = 50
@@ -122,6 +123,8 @@ class RunConfig:
         _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
                "must be positive or null")
         _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {OPTIMIZERS}")
+        _check(not t.fsdp or t.optimizer == "adamw", "train.optimizer", t.optimizer,
+               "cannot step sharded (FSDP) parameters: use optimizer: adamw with fsdp: true")
         _check(t.schedule in ("cosine", "linear", "constant"), "train.schedule", t.schedule,
                "use cosine, linear or constant")
         _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,

@@ -206,8 +206,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a quantised weight counts as its full matrix."""
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, QuantLinear)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return trainable, total
 

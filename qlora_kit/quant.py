@@ -136,13 +136,14 @@ class QuantizedWeight:
         else:
             self.data, self.row_scale, _ = bnbf.int8_vectorwise_quant(weight.contiguous())
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as the model sees it; arithmetic in fp32 before the final cast."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, data: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as the model sees it. `data` replaces the packed tensor this object was built with
+        (a sharded model hands in the gathered one)."""
         bnbf = _bnb()
+        data = self.data if data is None else data
         if self.config.bits == 4:
-            w = bnbf.dequantize_4bit(self.data, self.state)
-            return w.to(dtype)
-        return bnbf.int8_vectorwise_dequant(self.data, self.row_scale).to(dtype)
+            return bnbf.dequantize_4bit(data, self.state).to(dtype)
+        return bnbf.int8_vectorwise_dequant(data, self.row_scale).to(dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this weight holds (packed data and constants), for memory accounting."""
@@ -168,20 +169,23 @@ class _DequantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.qweight.dequantize(x.dtype))
+        return F.linear(x, layer.dequantize(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        w = ctx.layer.qweight.dequantize(grad_out.dtype)
-        return grad_out @ w, None
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer whose weight is stored quantised. Only the input gets gradients."""
+    """A frozen linear layer whose weight is stored quantised. Only the input gets gradients.
+
+    The packed weight is a frozen parameter (`weight`, uint8 or int8), so FSDP can shard it and
+    gather it around each use; the small quantisation constants stay beside it, replicated."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.qweight = qweight
+        self.weight = nn.Parameter(qweight.data, requires_grad=False)
         self.out_features, self.in_features = qweight.shape
         self.compute_dtype = resolve_dtype(qweight.config.compute_dtype, qweight.device)
         self.bias = None if bias is None else nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
@@ -194,13 +198,8 @@ class QuantLinear(nn.Module):
         bias = None if bias is None else bias.to(weight.device)
         return cls(QuantizedWeight(weight, config), bias)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads .weight.dtype / .device in places; the packed tensor answers those.
-        return self.qweight.data
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.dequantize(dtype)
+        return self.qweight.dequantize(dtype, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantLinearFn.apply(x.to(self.compute_dtype), self)

@@ -33,6 +33,8 @@ from .adapters import read_adapter, save_adapter
 from .config import RunConfig, load_config
 from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
+from .fsdp import (decoder_layers, full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
+                   optimizer_state, shard_model)
 from .io import atomic_dir, atomic_write_text
 from .loading import load_model, set_gradient_checkpointing
 from .lora import add_lora, lora_state_dict, trainable_parameters
@@ -143,13 +145,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep_last: int,
+def save_checkpoint(run_dir: Path, step: int, model, adapter: dict, optim_state: dict, scheduler, keep_last: int,
                     rng_states: list[dict]) -> Path:
     """Write checkpoints/step-N atomically: adapter, optimiser, scheduler, step, one RNG state per process."""
     out = run_dir / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(out, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter")
-        save_tree(optimizer.state_dict(), tmp, "optimizer")
+        save_adapter(model, tmp / "adapter", tensors=adapter)
+        save_tree(optim_state, tmp, "optimizer")
         state = {"step": step, "scheduler": scheduler.state_dict(), "world": len(rng_states)}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         for rank, rng in enumerate(rng_states):
@@ -159,7 +161,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep_
     return out
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int) -> int:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int, sharded: bool) -> int:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state.get("world", 1) != world:
         raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
@@ -168,10 +170,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: i
     current = lora_state_dict(model)
     if set(tensors) != set(current) or any(tensors[k].shape != current[k].shape for k in current):
         raise QLoraKitError(f"checkpoint {ckpt} holds adapters of another shape (r={config.r}) than this run's")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            current[k].copy_(t)
-    optimizer.load_state_dict(load_tree(ckpt, "optimizer"))
+    load_lora_state(model, tensors)
+    load_optimizer_state(optimizer, load_tree(ckpt, "optimizer"), sharded)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(load_tree(ckpt, f"rng-{rank}"))
     return int(state["step"])
@@ -204,19 +204,25 @@ def memory_mb(device: torch.device) -> float:
 
 
 def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, device, accelerator) -> float:
-    """Token-weighted mean loss over the whole held-out set (all processes together)."""
-    model = loss_module
-    was_training = model.training
-    model.eval()
+    """Token-weighted mean loss over the whole held-out set (all processes together).
+
+    Every process runs the same number of forward passes (a sharded model gathers weights in each
+    one, collectively): a process whose share runs out repeats a batch with weight zero."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    rounds = -(-len(dataset) // (batch_size * world))
+    was_training = loss_module.training
+    loss_module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for start in range(accelerator.process_index * batch_size, len(dataset),
-                           batch_size * accelerator.num_processes):
-            batch = {k: v.to(device) for k, v in collate(dataset.examples[start:start + batch_size], pad_id).items()}
-            loss, n = model(**batch)
-            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+        for i in range(rounds):
+            start = (i * world + rank) * batch_size
+            chunk = dataset.examples[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk or dataset.examples[:1], pad_id).items()}
+            loss, n = loss_module(**batch)
+            if chunk:
+                total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
     total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
+    loss_module.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -261,15 +267,25 @@ def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool 
 
     per_step = t.batch_size * t.grad_accum * world
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_set) / per_step))
+    sharded = t.fsdp and world > 1
+    if sharded:  # FSDP2: each process keeps 1/world of every block's weights, packed 4-bit ones included
+        shard_model(model)
+        loss_module = LossModule(model, t.loss_chunk_tokens)
+        local, full = local_packed_bytes(model)
+        if main:
+            print(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
+                  "of packed 4/8-bit weights")
+    else:
+        loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
+    # After sharding: FSDP replaces each parameter by a sharded one, and the optimiser must hold those.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
-    loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world)
+        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world, sharded)
     else:
         torch.manual_seed(t.seed + rank)  # dropout masks differ per process, reproducibly
     if main:
@@ -294,7 +310,10 @@ def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool 
             _, batch = next(batches)
             batch = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
             sync = micro == t.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
+            if sharded:
+                for layer in decoder_layers(model):
+                    layer.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(loss_module):
                 loss, _ = loss_module(**batch)
                 accelerator.backward(loss / t.grad_accum)
             losses.append(loss.detach())
@@ -328,14 +347,16 @@ def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool 
             time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
         if step % t.save_every == 0 or step == total_steps:
             rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+            adapter, optim_state = full_lora_state(model), optimizer_state(optimizer, sharded)
             if main:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_last, rng_states)
+                save_checkpoint(run_dir, step, model, adapter, optim_state, scheduler, t.keep_last, rng_states)
             accelerator.wait_for_everyone()
     bar.close()
 
     adapter_dir = run_dir / "adapter"
+    adapter = full_lora_state(model)
     if main:
-        save_adapter(model, adapter_dir, extra={"steps": total_steps})
+        save_adapter(model, adapter_dir, extra={"steps": total_steps}, tensors=adapter)
         plot_history(history, run_dir / "loss.png")
     accelerator.wait_for_everyone()
     result = TrainResult(run_dir, adapter_dir, total_steps, eval_before, eval_after, history, time.time() - started)

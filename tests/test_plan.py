@@ -26,7 +26,9 @@ def nbytes(tensors) -> int:
 def allocated(model) -> dict[str, int]:
     quant = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
     adapters = [p for p in model.parameters() if p.requires_grad]
-    others = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    packed = {q.data.data_ptr() for q in quant}  # the packed weights are frozen parameters, counted above
+    others = [p for p in model.parameters() if not p.requires_grad and p.data_ptr() not in packed]
+    others += list(model.buffers())
     return {
         "quantized_weights": nbytes(q.data for q in quant),
         "quant_constants": nbytes(t for q in quant for t in q.tensors()[1:]),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,3 +206,47 @@ def test_plan_is_printed_and_a_run_that_cannot_fit_warns(tmp_path, tiny_dir, mon
     with pytest.warns(UserWarning, match="planned to need"):
         train(config_from_dict(raw), progress=False)
     assert "memory plan:" in capsys.readouterr().out
+
+
+def _torchrun(config: Path, *extra, port: int):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "qlora_kit.cli",
+                           "train", str(config), "--no-progress", *extra], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_fsdp_shards_the_4bit_weights_trains_like_one_process_and_resumes(tmp_path, tiny_dir):
+    """FSDP2 over 2 CPU processes: each holds half the packed weights, the losses match one process
+    with twice the accumulation, and a run stopped at step 2 and resumed ends where a straight run ends."""
+    raw = make_config(tmp_path, tiny_dir, max_steps=4, eval_every=100, save_every=2, optimizer="adamw",
+                      batch_size=2, schedule="constant", fsdp=True)
+    raw["lora"]["dropout"] = 0.0
+    raw["output"]["dir"] = str(tmp_path / "fsdp")
+    fsdp = write_yaml(tmp_path, raw, "fsdp.yaml")
+    raw["output"]["dir"] = str(tmp_path / "fsdp-resumed")
+    resumed_cfg = write_yaml(tmp_path, raw, "fsdp-resumed.yaml")
+    raw["train"].update(grad_accum=2, fsdp=False)
+    raw["output"]["dir"] = str(tmp_path / "one")
+    one = write_yaml(tmp_path, raw, "one.yaml")
+
+    out = _torchrun(fsdp, port=29531)
+    assert out.returncode == 0, out.stderr[-3000:]
+    held = re.search(r"holds ([\d,]+) of ([\d,]+) bytes of packed", out.stdout)
+    local, full = (int(g.replace(",", "")) for g in held.groups())
+    assert full > 0 and abs(local - full / 2) <= 0.01 * full
+    single = cli("train", str(one), "--no-progress", timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    loss = lambda d: [json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(loss("one"), loss("fsdp")):
+        assert abs(a - b) / a < 1e-3, (loss("one"), loss("fsdp"))
+
+    first = _torchrun(resumed_cfg, "--set", "train.max_steps=2", port=29532)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _torchrun(resumed_cfg, "--resume", port=29533)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step 2" in again.stdout
+    a = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fsdp-resumed" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

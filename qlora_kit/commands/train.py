@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with LoRA on a quantised base, as a YAML config says")
@@ -29,6 +31,8 @@ def run(args) -> int:
         overrides[key] = yaml.safe_load(value)
     config = load_config(args.config, overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # one summary per run, not per process
+        return 0
     if result.eval_before is not None or result.eval_after is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"held-out loss: {fmt(result.eval_before)} -> {fmt(result.eval_after)}")
