@@ -30,6 +30,7 @@ import torch
 
 from .errors import QLoraKitError, closest, first_few
 from .export import MERGE_BASES, _check_disk, _human, _progress, _reference_logits, prepare_merge
+from .models import resolve_model_path
 from .quant import QuantConfig
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -74,8 +75,8 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
         raise QLoraKitError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
     if out.exists() and not overwrite:
         raise QLoraKitError(f"{out} already exists: choose another name or pass overwrite (--overwrite)")
+    config = _read_config(resolve_model_path(base))
     job = prepare_merge(base, adapter, merge_into, quant)
-    config = _read_config(job.base)
     arch = ARCHITECTURES[config["model_type"]]
     tokenizer = _tokenizer_metadata(job.base, config["vocab_size"])
     layout = _layout(job.plan, config, gguf_type)
@@ -132,6 +133,8 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
 
 def _read_config(base: Path) -> dict:
     """config.json, checked to describe a model this writer can express in llama.cpp's terms."""
+    if not (base / "config.json").is_file():
+        raise QLoraKitError(f"{str(base)!r} is not a model folder: it has no config.json")
     config = json.loads((base / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
