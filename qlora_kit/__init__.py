@@ -6,6 +6,7 @@
     ...train (or qk.train("run.yaml"))...
     qk.save_adapter(model, "out/adapter")                                          # PEFT layout
     qk.export_merged("path/to/hf-model", "out/adapter", "out/merged")              # streaming merge
+    qk.export_gguf("path/to/hf-model", "out/adapter", "out/model.gguf")            # for llama.cpp / Ollama
 
 The flow is one way: load (quantise) -> add adapters -> train -> save adapter -> merge/export.
 """
@@ -13,6 +14,7 @@ The flow is one way: load (quantise) -> add adapters -> train -> save adapter ->
 from .adapters import load_adapter, read_adapter, save_adapter
 from .errors import QLoraKitError
 from .export import export_merged
+from .gguf_export import export_gguf
 from .loading import load_model, set_gradient_checkpointing
 from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lora_state_dict, merge_lora,
                    merged_state_dict, trainable_parameters)
@@ -24,7 +26,7 @@ from .train import train
 __all__ = [
     "QuantConfig", "LoraConfig", "QLoraKitError",
     "load_model", "add_lora", "set_gradient_checkpointing", "train",
-    "save_adapter", "load_adapter", "read_adapter", "export_merged",
+    "save_adapter", "load_adapter", "read_adapter", "export_merged", "export_gguf",
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
     "trainable_parameters", "smollm2_path", "QuantLinear", "LoraLinear",
     "plan_memory", "MemoryPlan", "check_fits",

@@ -28,8 +28,9 @@ import shutil
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -91,29 +92,19 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     dtype = as_dtype(dtype, "export dtype")
     if dtype not in EXPORT_DTYPES:
         raise QLoraKitError(f"export dtype {dtype_name(dtype)} is not supported: use bf16, fp16 or fp32")
-    if merge_into not in MERGE_BASES:
-        raise QLoraKitError(f"merge_into={merge_into!r}: use 'dequantized' (the base the adapter was "
-                            "trained on) or 'original' (the base folder's own weights)")
     shard_limit = parse_size(max_shard_size)
-    base, adapter, out = resolve_model_path(base), Path(adapter), Path(out)
-    files = safetensors_files(base)
-    lora, adapter_tensors, raw = read_adapter(adapter)
-    quant, quant_source = _merge_quant(raw, quant)
-    effective = merge_into if quant is not None else "original"
+    out = Path(out)
+    job = prepare_merge(base, adapter, merge_into, quant)
     if out.exists() and not overwrite:
         raise QLoraKitError(f"{out} already exists: choose another folder or pass overwrite (--overwrite)")
-
-    plan = _plan(files)
-    pairs = _pair_adapter(adapter_tensors, plan, adapter)
-    quantised = _quantised_keys(base) if quant is not None else set()
+    base, adapter, files, plan = job.base, job.adapter, job.files, job.plan
     shards = _shard(plan, dtype, shard_limit)
     out_bytes = sum(_nbytes(shape, _out_dtype(src, dtype)) for _, shape, src in plan)
     _check_disk(out, out_bytes)
 
-    merger = _Merger(pairs, lora, quant, quantised, effective, dtype)
     norms: dict[str, dict] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        source = iter_safetensors(files)
+        source = job.merged_tensors(dtype, norms)
         bar = _progress(len(plan), progress)
         for index, entries in enumerate(shards):
             name = _shard_name(index, len(shards))
@@ -121,7 +112,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
                 for key, _, _ in entries:
                     src_key, tensor = next(source)
                     assert src_key == key, (src_key, key)
-                    writer.write(key, merger.merged(key, tensor, norms))
+                    writer.write(key, tensor)
                     bar.update(1)
             if on_shard is not None:
                 on_shard(index, len(shards), tmp / name)
@@ -135,15 +126,14 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
 
         report = {
             "base": str(base), "adapter": str(adapter), "out": str(out),
-            "dtype": dtype_name(dtype), "merge_into": effective, "requested_merge_into": merge_into,
-            "quant": quant.to_dict() if quant is not None else None, "quant_source": quant_source,
-            "lora": {"r": lora.r, "alpha": lora.alpha, "rslora": lora.rslora, "scale": lora.scale},
-            "tensors": len(plan), "adapted_modules": len(pairs), "shards": len(shards),
+            "dtype": dtype_name(dtype), **job.summary(),
+            "tensors": len(plan), "shards": len(shards),
             "base_bytes": sum(f.stat().st_size for f in files), "out_bytes": out_bytes,
             "delta_norms": norms, "verify": None,
         }
         if verify:
-            report["verify"] = verify_export(tmp, base, adapter, quant, dtype, effective, files, pairs, lora)
+            report["verify"] = verify_export(tmp, base, adapter, job.quant, dtype, job.merge_into, files, job.pairs,
+                                             job.lora)
         report["times_s"] = {"merge": round(merged_s, 3), "verify": round(time.perf_counter() - started - merged_s, 3),
                              "total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -152,6 +142,55 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
 
 
 # ---------------------------------------------------------------- what to merge
+
+@dataclass
+class MergeJob:
+    """Everything known before the first tensor is merged: the base's files and tensor headers, the
+    adapter's A/B pairs, and the merge base. Writers (safetensors shards, GGUF) share it and differ
+    only in how they store each merged tensor."""
+
+    base: Path
+    adapter: Path
+    files: list[Path]
+    plan: list[tuple[str, tuple[int, ...], torch.dtype]]  # (key, shape, stored dtype), in file order
+    lora: LoraConfig
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    quant: QuantConfig | None
+    quant_source: str
+    merge_into: str  # the base actually used ("original" when the adapter was trained unquantised)
+    requested_merge_into: str
+    quantised: set[str]
+
+    def merged_tensors(self, dtype: torch.dtype, norms: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, merged tensor in `dtype`) for every base tensor in file order, one at a time."""
+        merger = _Merger(self.pairs, self.lora, self.quant, self.quantised, self.merge_into, dtype)
+        for key, tensor in iter_safetensors(self.files):
+            yield key, merger.merged(key, tensor, norms)
+
+    def summary(self) -> dict:
+        return {"merge_into": self.merge_into, "requested_merge_into": self.requested_merge_into,
+                "quant": self.quant.to_dict() if self.quant is not None else None, "quant_source": self.quant_source,
+                "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "rslora": self.lora.rslora,
+                         "scale": self.lora.scale},
+                "adapted_modules": len(self.pairs)}
+
+
+def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequantized",
+                  quant: QuantConfig | None = None) -> MergeJob:
+    """Read headers and the adapter, check they fit, and settle the merge base; no weights are read."""
+    if merge_into not in MERGE_BASES:
+        raise QLoraKitError(f"merge_into={merge_into!r}: use 'dequantized' (the base the adapter was "
+                            "trained on) or 'original' (the base folder's own weights)")
+    base, adapter = resolve_model_path(base), Path(adapter)
+    files = safetensors_files(base)
+    lora, adapter_tensors, raw = read_adapter(adapter)
+    quant, quant_source = _merge_quant(raw, quant)
+    plan = _plan(files)
+    pairs = _pair_adapter(adapter_tensors, plan, adapter)
+    quantised = _quantised_keys(base) if quant is not None else set()
+    return MergeJob(base, adapter, files, plan, lora, pairs, quant, quant_source,
+                    merge_into if quant is not None else "original", merge_into, quantised)
+
 
 def _merge_quant(raw: dict, override: QuantConfig | None) -> tuple[QuantConfig | None, str]:
     """The quantisation the adapter was trained on, and where that knowledge came from."""

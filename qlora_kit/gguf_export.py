@@ -1,0 +1,385 @@
+"""Merged export to one GGUF file, the format llama.cpp, Ollama and LM Studio read.
+
+    headers of the base + adapter  ->  tensor infos (GGUF names, shapes, types) and metadata
+    for each base tensor, in file order (the same merge as the safetensors export):
+        W = merge base + scale * B @ A   (fp32)
+        rename it (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
+        permute Llama's q/k rows, store as f16 / bf16 / q8_0, append to the file
+
+Why streaming works with the `gguf` package's GGUFWriter: `add_tensor` keeps every array until the
+file is written, but the writer also takes tensor infos alone (`add_tensor_info`) and then the data
+one tensor at a time (`write_tensor_data`), in the order the infos were given. Every shape and type
+is known from the safetensors headers, so memory holds one tensor, never the model.
+
+Why q and k are permuted for Llama and Mistral: llama.cpp rotates adjacent pairs of dimensions
+(x0, x1), (x2, x3)... while Hugging Face rotates the two halves of each head (x_i, x_{i+d/2}).
+Reordering each head's rows from [first half; second half] to interleaved pairs gives the same
+attention; transformers undoes it when it reads a GGUF. Qwen2 in llama.cpp uses the halves layout
+(NeoX rope), so its weights go in as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from .errors import QLoraKitError, closest, first_few
+from .export import MERGE_BASES, _check_disk, _human, _progress, _reference_logits, prepare_merge
+from .models import resolve_model_path
+from .quant import QuantConfig
+
+GGUF_TYPES = ("f16", "bf16", "q8_0")
+# Hugging Face model_type -> llama.cpp architecture. Mistral is a Llama to llama.cpp.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 int8 weights and one fp16 scale per block
+TOKENIZER_CHECKS = ["Hello, world! How are you today?", "  two spaces, tabs\tand\nnew lines",
+                    "Zahlen 12345 und Umlaute: äöü ß, emoji 🙂", "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str = "f16",
+                merge_into: str = "dequantized", overwrite: bool = False, verify: bool = True,
+                quant: QuantConfig | None = None, progress: bool = True) -> dict:
+    """Merge `adapter` into the base model folder `base` and write one GGUF file at `out`.
+
+    gguf_type: f16 (llama.cpp's default), bf16, or q8_0 (8-bit blocks of 32, half the size of f16);
+        norms and biases stay f32, and a q8_0 matrix whose rows are not a multiple of 32 is written f16.
+    merge_into, quant: as for `export_merged`.
+    verify: load the file with transformers (`gguf_file=`), compare its logits with the adapter on
+        the quantised base (fp32), and check its tokenizer encodes a few strings to the same ids as
+        the base folder's.
+    Supports Llama, Mistral and Qwen2 models (tied embeddings included) with a byte-level BPE
+    tokenizer (tokenizer.json). Writes atomically and returns a report (also `format_gguf_report`).
+    """
+    import gguf
+    import numpy as np
+
+    started = time.perf_counter()
+    if gguf_type not in GGUF_TYPES:
+        raise QLoraKitError(f"unknown GGUF type {gguf_type!r}{closest(str(gguf_type), GGUF_TYPES)}: "
+                            f"use one of {', '.join(GGUF_TYPES)}")
+    if merge_into not in MERGE_BASES:
+        raise QLoraKitError(f"merge_into={merge_into!r}: use 'dequantized' or 'original'")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise QLoraKitError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise QLoraKitError(f"{out} already exists: choose another name or pass overwrite (--overwrite)")
+    config = _read_config(resolve_model_path(base))
+    job = prepare_merge(base, adapter, merge_into, quant)
+    arch = ARCHITECTURES[config["model_type"]]
+    tokenizer = _tokenizer_metadata(job.base, config["vocab_size"])
+    layout = _layout(job.plan, config, gguf_type)
+    out_bytes = sum(nbytes for _, (_, _, nbytes) in layout.values())
+    _check_disk(out, out_bytes)
+
+    writer_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
+        for name, (shape, qtype, nbytes) in layout.values():
+            # the type is given raw; the numpy dtype only has to not be uint8 (which means "shape in bytes")
+            writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = _progress(len(layout), progress)
+        for key, tensor in job.merged_tensors(torch.float32):
+            if key not in layout:
+                continue
+            name, (shape, qtype, nbytes) = layout[key]
+            writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
+            bar.update(1)
+        bar.close()
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        written_s = time.perf_counter() - started
+        report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
+                  "gguf_type": gguf_type, "architecture": arch, **job.summary(),
+                  "tensors": len(layout), "out_bytes": tmp.stat().st_size,
+                  "base_bytes": sum(f.stat().st_size for f in job.files),
+                  "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
+                                          if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
+                  "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
+                                "tokens": len(tokenizer["tokens"])},
+                  "verify": None}
+        if verify:
+            report["verify"] = verify_gguf(tmp, job)
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
+                         "total": round(time.perf_counter() - started, 3)}
+    return report
+
+
+# ---------------------------------------------------------------- what llama.cpp needs to know
+
+def _read_config(base: Path) -> dict:
+    """config.json, checked to describe a model this writer can express in llama.cpp's terms."""
+    if not (base / "config.json").is_file():
+        raise QLoraKitError(f"{str(base)!r} is not a model folder: it has no config.json")
+    config = json.loads((base / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise QLoraKitError(f"cannot write {model_type!r} models to GGUF: the GGUF export supports "
+                            f"{', '.join(ARCHITECTURES)} (Llama family, e.g. SmolLM2); export to safetensors "
+                            "(--format safetensors) and convert with llama.cpp's convert_hf_to_gguf.py")
+    if config.get("hidden_act", "silu") != "silu":
+        raise QLoraKitError(f"{base}: hidden_act {config['hidden_act']!r}; llama.cpp's {model_type} expects silu")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise QLoraKitError(f"{base}: rope scaling {rope_type!r} is not written by the GGUF export (default and "
+                            "linear are); export to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config["rope"] = rope | {"rope_type": rope_type,
+                             "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0))}
+    return config
+
+
+def _write_metadata(writer, config: dict, arch: str, name: str, file_type: int, tok: dict) -> None:
+    from gguf import TokenType
+
+    writer.add_name(name)
+    writer.add_type("model")
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(2)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(float(config["rope"]["rope_theta"]))
+    if config["rope"]["rope_type"] == "linear":
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config["rope"]["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+
+    writer.add_tokenizer_model(tok["model"])
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types([int(TokenType[t]) for t in tok["types"]])
+    writer.add_token_merges(tok["merges"])
+    for key, token_id in tok["ids"].items():
+        if token_id is not None:
+            writer.add_uint32(f"tokenizer.ggml.{key}", token_id)
+    writer.add_add_bos_token(tok["add_bos"])
+    writer.add_add_eos_token(tok["add_eos"])
+    if tok["chat_template"]:
+        writer.add_chat_template(tok["chat_template"])
+
+
+def _tokenizer_metadata(base: Path, vocab_size: int) -> dict:
+    """The base's tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens by id, their
+    types, merges, special ids, whether BOS/EOS are added, and the chat template."""
+    from transformers import AutoTokenizer
+
+    if not (base / "tokenizer.json").is_file():
+        raise QLoraKitError(f"{base} has no tokenizer.json: the GGUF export carries byte-level BPE tokenizers "
+                            "(Llama 3, Qwen2, SmolLM2, GPT-2 style) from tokenizer.json; for a sentencepiece "
+                            "tokenizer use llama.cpp's convert_hf_to_gguf.py on a safetensors export")
+    tok = AutoTokenizer.from_pretrained(str(base))
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or not _has_byte_level(pre):
+        raise QLoraKitError(f"{base}: tokenizer is {model.get('type')} without a byte-level pre-tokenizer; the GGUF "
+                            "export carries byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2, GPT-2 style) only; "
+                            "use llama.cpp's convert_hf_to_gguf.py on a safetensors export")
+    vocab = tok.get_vocab()
+    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
+        raise QLoraKitError(f"{base}: the tokenizer has {len(vocab)} tokens but the model embeds only {vocab_size}")
+    added = {t.content: t for t in tok.added_tokens_decoder.values()}
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], ["UNUSED"] * vocab_size
+    for text, index in vocab.items():
+        tokens[index] = text
+        types[index] = ("CONTROL" if added[text].special else "USER_DEFINED") if text in added else "NORMAL"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    with_specials = tok("a")["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    return {
+        "model": "gpt2", "pre": _pre_tokenizer_name(pre), "tokens": tokens, "types": types, "merges": merges,
+        "ids": {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                "unknown_token_id": tok.unk_token_id, "padding_token_id": tok.pad_token_id},
+        "add_bos": tok.bos_token_id is not None and with_specials[:1] == [tok.bos_token_id] != plain[:1],
+        "add_eos": tok.eos_token_id is not None and with_specials[-1:] == [tok.eos_token_id] != plain[-1:],
+        "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
+    }
+
+
+def _has_byte_level(pre) -> bool:
+    if not pre:
+        return False
+    if pre.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in pre.get("pretrainers", pre.get("pretokenizers", [])))
+
+
+def _pre_tokenizer_name(pre: dict) -> str:
+    """llama.cpp's name for the way text is split before BPE, read from the tokenizer's structure.
+
+    GPT-2's own split (ByteLevel with its regex) is "gpt-2"; a Split regex in front of a regex-free
+    ByteLevel is matched against the splits llama.cpp knows by name (Llama 3, Qwen2); digits split
+    one by one in front of ByteLevel is SmolLM's and StarCoder's "smollm"."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", [])
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if GGUF_PRE_TOKENIZER_SPLITS[name] == regex:
+                return name
+    raise QLoraKitError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one the GGUF export can "
+                        "name for llama.cpp (GPT-2, SmolLM, Llama 3, Qwen2 splits); use llama.cpp's "
+                        "convert_hf_to_gguf.py on a safetensors export")
+
+
+# ---------------------------------------------------------------- tensors
+
+def _layout(plan, config: dict, gguf_type: str) -> dict[str, tuple[str, tuple[tuple[int, ...], object, int]]]:
+    """{base key: (GGUF name, (shape, GGML type, bytes))} in file order; tied lm_head and rotary buffers dropped."""
+    from gguf import GGMLQuantizationType as Q
+
+    wanted = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
+    layout, unknown = {}, []
+    for key, shape, dtype in plan:
+        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.get("tie_word_embeddings")):
+            continue
+        name = gguf_name(key)
+        if name is None or not dtype.is_floating_point:
+            unknown.append(key)
+            continue
+        qtype = Q.F32 if len(shape) == 1 else wanted
+        if qtype == Q.Q8_0 and shape[-1] % Q8_BLOCK:
+            qtype = Q.F16  # llama.cpp's converter does the same for rows that do not fill whole blocks
+        layout[key] = (name, (shape, qtype, _nbytes(shape, qtype)))
+    if unknown:
+        raise QLoraKitError(f"the base holds tensors the GGUF export cannot name for llama.cpp: {first_few(unknown)}")
+    return layout
+
+
+def gguf_name(key: str) -> str | None:
+    """llama.cpp's tensor name for a Hugging Face Llama-family key, or None when it has none."""
+    if key in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[key]
+    parts = key.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None
+    module, suffix = ".".join(parts[3:-1]), parts[-1]
+    if module not in _LAYER_NAMES or suffix not in ("weight", "bias"):
+        return None
+    return f"blk.{parts[2]}.{_LAYER_NAMES[module]}.{suffix}"
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    from gguf import GGMLQuantizationType as Q
+
+    n = 1
+    for d in shape:
+        n *= d
+    return n // Q8_BLOCK * Q8_BYTES if qtype == Q.Q8_0 else n * (4 if qtype == Q.F32 else 2)
+
+
+def _reorder(name: str, w: torch.Tensor, config: dict, arch: str) -> torch.Tensor:
+    """Llama's q/k rows (and biases) from Hugging Face's rotate-half layout to llama.cpp's pairs."""
+    if arch != "llama" or not (".attn_q." in name or ".attn_k." in name):
+        return w
+    heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _encode(w: torch.Tensor, qtype):
+    """The tensor's bytes as GGUF stores them, as a numpy array the writer appends."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    w = w.detach().float().contiguous()
+    if qtype == Q.F32:
+        return w.numpy()
+    if qtype == Q.F16:
+        return w.half().numpy()
+    if qtype == Q.BF16:
+        return w.bfloat16().view(torch.int16).numpy()
+    return quantize(w.numpy(), Q.Q8_0)
+
+
+# ---------------------------------------------------------------- verification and report
+
+def verify_gguf(path: Path, job, seq_len: int = 32) -> dict:
+    """Read the file back with transformers: logits against the adapter on the quantised base (fp32,
+    the reference the safetensors export is checked against), and tokenizer ids against the base's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    reference = _reference_logits(job.base, job.adapter, job.quant, ids)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    error = float(torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference))
+    del model
+
+    ours, theirs = AutoTokenizer.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(str(job.base))
+    mismatched = [text for text in TOKENIZER_CHECKS if ours(text)["input_ids"] != theirs(text)["input_ids"]]
+    if mismatched:
+        raise QLoraKitError(f"the GGUF tokenizer encodes {first_few(repr(t) for t in mismatched)} differently from "
+                            f"{job.base}'s tokenizer; the file was not written")
+    return {"batch": list(ids.shape), "logit_rel_error": error, "tokenizer_strings": len(TOKENIZER_CHECKS),
+            "reference": "adapter on the quantised base, fp32 compute" if job.quant else "adapter on the base, fp32"}
+
+
+def format_gguf_report(report: dict) -> str:
+    """What was written, how close it reads back, and where the time went."""
+    lines = [
+        "qlora_kit GGUF export",
+        f"base:       {report['base']}",
+        f"adapter:    {report['adapter']} (r={report['lora']['r']}, alpha={report['lora']['alpha']}, "
+        f"scale={report['lora']['scale']:.4g}), merged into the {report['merge_into']} base",
+        f"written:    {report['out']}: {report['tensors']} tensors, {_human(report['out_bytes'])} "
+        f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {_human(report['base_bytes'])})",
+        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre']}, "
+        f"{report['tokenizer']['tokens']} tokens",
+    ]
+    if report["f16_fallbacks"]:
+        lines.append(f"f16:        {len(report['f16_fallbacks'])} matrices whose rows are not a multiple of 32 "
+                     f"({first_few(report['f16_fallbacks'], 3)})")
+    v = report["verify"]
+    if v is None:
+        lines.append("verify:     skipped")
+    else:
+        lines.append(f"verify:     transformers reads it back; logits vs {v['reference']} on a {v['batch']} batch: "
+                     f"relative error {v['logit_rel_error']:.3e}; tokenizer ids identical on "
+                     f"{v['tokenizer_strings']} strings")
+    t = report.get("times_s", {})
+    lines.append(f"time:       write {t.get('write', 0):.1f} s, verify {t.get('verify', 0):.1f} s")
+    return "\n".join(lines) + "\n"
