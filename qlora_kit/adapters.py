@@ -209,3 +209,32 @@ def check_adapter_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path:
     if problems:
         raise QLoraKitError(f"adapter {path} does not fit this model ({'; '.join(problems)}); "
                             "was it trained on another base model or with another rank?")
+
+
+def to_plain_lora(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert an svd/loftq adapter into a plain rank-2r LoRA for the ORIGINAL base weights (PEFT's
+    PiSSA-to-LoRA conversion): B' = [B, -B0], A' = [A; A0], alpha doubled (sqrt 2 for rsLoRA) so the
+    scale is unchanged. W + scale * B' @ A' = W + scale * (B @ A - B0 @ A0): exactly what training
+    changed, added to W. Any LoRA loader (PEFT included) can apply it to the unmodified model."""
+    from safetensors.torch import save_file
+
+    config, tensors, raw = read_adapter(path)
+    states = read_init(path)
+    if not states:
+        raise QLoraKitError(f"adapter {path} did not change the base (init {config.init!r}): it is a plain LoRA "
+                            "already and loads in PEFT as it is")
+    merged = {}
+    for name, state in states.items():
+        a0, b0 = state["initial"]
+        merged[f"{name}.lora_A.weight"] = torch.cat([tensors[f"{name}.lora_A.weight"], a0]).contiguous()
+        merged[f"{name}.lora_B.weight"] = torch.cat([tensors[f"{name}.lora_B.weight"], -b0], dim=1).contiguous()
+    plain = replace(config, r=2 * config.r, alpha=config.alpha * (2 ** 0.5 if config.rslora else 2), init="default")
+    ours = raw.get("qlora_kit") or {}
+    extra = {k: v for k, v in ours.items() if k not in ("lora", "modules", "init")}
+    extra["converted_from"] = {"adapter": str(path), "init": config.init}
+    cfg = peft_config_dict(plain, ours.get("modules") or sorted(states), raw.get("base_model_name_or_path"), extra)
+    cfg["target_modules"] = raw.get("target_modules")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file({PEFT_PREFIX + k: v for k, v in merged.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    return Path(out)
