@@ -198,8 +198,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoraLinear(base, config.r, config.alpha, config.dropout,
-                                            config.rslora, config.dtype, generator))
+        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator)
+        _set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
     initialise(model, {name: model.get_submodule(name) for name in names}, config)
     model.lora_config = config
     return model

@@ -214,3 +214,9 @@ def test_changed_base_needs_its_folder_and_quantisation(tiny_dir, tmp_path):
     (tmp_path / "a" / INIT_FILE).unlink()
     with pytest.raises(QLoraKitError, match="missing: copy the whole adapter folder"):
         load_adapter(load(tiny_dir), tmp_path / "a")
+
+
+def test_adapters_added_to_an_eval_model_run_without_dropout(tiny_dir):
+    model = add_lora(load(tiny_dir), LoraConfig(r=4, dropout=0.5, init="svd"))
+    assert not any(m.training for m in lora_layers(model).values())
+    assert torch.equal(logits(model), logits(model))
