@@ -3,6 +3,7 @@
     import qlora_kit as qk
     model, tok = qk.load_model("path/to/hf-model", quant=qk.QuantConfig(bits=4))   # NF4, frozen
     qk.add_lora(model, qk.LoraConfig(r=16, alpha=32))                              # trainable
+    # or LoraConfig(init="loftq" | "svd" | "orthogonal"); qk.rank_report("out/adapter") after training
     ...train (or qk.train("run.yaml"))...
     qk.save_adapter(model, "out/adapter")                                          # PEFT layout
     qk.export_merged("path/to/hf-model", "out/adapter", "out/merged")              # streaming merge
@@ -11,7 +12,7 @@
 The flow is one way: load (quantise) -> add adapters -> train -> save adapter -> merge/export.
 """
 
-from .adapters import load_adapter, read_adapter, save_adapter
+from .adapters import load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
 from .export import export_merged
 from .gguf_export import export_gguf
@@ -21,6 +22,7 @@ from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lo
 from .models import smollm2_path
 from .plan import MemoryPlan, check_fits, plan_memory
 from .quant import QuantConfig, QuantLinear
+from .rank import plot_spectra, rank_report
 from .train import train
 
 __all__ = [
@@ -30,5 +32,6 @@ __all__ = [
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
     "trainable_parameters", "smollm2_path", "QuantLinear", "LoraLinear",
     "plan_memory", "MemoryPlan", "check_fits",
+    "rank_report", "plot_spectra", "to_plain_lora",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,10 @@
 """Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
+svd and loftq inits change the frozen base; their folders add `qlora_kit_init.safetensors` (the
+factors that rebuild it, see qlora_kit.inits), and `load_adapter` rebuilds the base from the model's
+own folder. PEFT reads such a folder too but would apply it to the unchanged base: convert it first
+with `to_plain_lora` (PEFT's own PiSSA-to-LoRA conversion, rank 2r).
+
 Keys are PEFT's ('base_model.model.<module path>.lora_A.weight'), so `PeftModel.from_pretrained`
 reads what we write and we read what PEFT writes. Config fields PEFT does not know live under
 'qlora_kit' in the same JSON (PEFT ignores unknown keys only at top level in some versions, so we
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,8 +23,9 @@ from torch import nn
 
 from .errors import QLoraKitError, first_few
 from .io import atomic_dir
+from .inits import CHANGES_BASE, INIT_FILE, SourceWeights, init_tensors, quant_matches, rebuild_base, split_init_tensors
 from .lora import LoraConfig, add_lora, lora_layers, lora_state_dict
-from .quant import as_dtype
+from .quant import QuantLinear, as_dtype
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -59,10 +66,16 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     base = getattr(model.config, "_name_or_path", None) or None
     quant = getattr(model, "quant_config", None)
+    init = init_tensors(layers)
     info = {"quant": quant.to_dict() if quant is not None else None, **(extra or {})}
+    if init:
+        info["init"] = {"name": config.init, "seed": config.seed, "iters": config.init_iters, "file": INIT_FILE,
+                        "base": "quant(W - scale * offset.B @ offset.A) per module; W from the base model folder"}
     cfg = peft_config_dict(config, list(layers), base, info)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if init:
+            save_file({k: v.contiguous() for k, v in init.items()}, str(tmp / INIT_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return Path(out)
 
@@ -90,9 +103,11 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor],
             raise QLoraKitError(f"{path} is a DoRA adapter ({key}=true), which qlora_kit does not support")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise QLoraKitError(f"{path} uses per-module rank/alpha patterns, which qlora_kit does not support")
+    ours = (raw.get("qlora_kit") or {}).get("lora") or {}
     config = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                         targets=raw.get("target_modules") or "all-linear",
-                        rslora=bool(raw.get("use_rslora", False)), dtype="auto")  # computes in the loading model's dtype
+                        rslora=bool(raw.get("use_rslora", False)), dtype="auto",  # computes in the loading model's dtype
+                        seed=ours.get("seed", 0), init=ours.get("init", "default"), init_iters=ours.get("init_iters", 1))
     try:
         flat = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError) as e:
@@ -116,14 +131,68 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise QLoraKitError(f"adapter {path} does not fit this model: it adapts modules the model "
                                 f"does not have: {first_few(absent)}")
         config.targets = "|".join(map(re.escape, wanted))
-        add_lora(model, config)
+        add_lora(model, replace(config, init="default"))  # the tensors and init file say where it starts
+        model.lora_config.init, model.lora_config.init_iters = config.init, config.init_iters
         model.lora_config.targets = sorted({n.rsplit(".", 1)[-1] for n in wanted})
     check_adapter_fits(model, tensors, path)
     current = lora_state_dict(model)
     with torch.no_grad():
         for key, t in tensors.items():
             current[key].copy_(t.to(current[key].dtype))
+    restore_base(model, path, raw)
     return model
+
+
+def read_init(path: str | Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{module: {"offset": (A, B), "initial": (A, B)}} for adapters whose init changed the base, else {}."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / INIT_FILE
+    return split_init_tensors(load_file(str(f))) if f.is_file() else {}
+
+
+def restore_base(model: nn.Module, path: str | Path, raw: dict) -> None:
+    """Give every adapted layer the frozen base the adapter was trained on.
+
+    For svd/loftq adapters that is quant(W - scale * B_off @ A_off), rebuilt from the model's folder;
+    for the others plain quant(W), which matters only when the model held a changed base before."""
+    layers = lora_layers(model)
+    states = read_init(path)
+    info = (raw.get("qlora_kit") or {}).get("init") or {}
+    if info and not states:
+        raise QLoraKitError(f"adapter {path} was initialised with {info.get('name')!r}, which changes the base, "
+                            f"but its {INIT_FILE} is missing: copy the whole adapter folder")
+    changed = [n for n, layer in layers.items() if layer.init_state]
+    if not states and not changed:
+        return
+    recorded = (raw.get("qlora_kit") or {}).get("quant", "unknown")
+    quant = getattr(model, "quant_config", None)
+    if states and recorded != "unknown" and not quant_matches(quant, recorded):
+        raise QLoraKitError(f"adapter {path} was trained on a base quantised as {recorded} and its init "
+                            f"({info.get('name')!r}) built that base from the quantisation; this model is "
+                            f"quantised as {quant.to_dict() if quant else None}: load the base with the "
+                            "adapter's quantisation")
+    if getattr(model, "source_path", None) is None:
+        raise QLoraKitError(f"adapter {path} changes the base weights ({info.get('name')!r} init), so the base must "
+                            "be re-read from its folder: load the model with qlora_kit.load_model(path)")
+    source = SourceWeights(model.source_path)
+    missing = [n for n in states if n not in layers]
+    if missing:
+        raise QLoraKitError(f"adapter {path}: {INIT_FILE} names modules the model has not adapted: {first_few(missing)}")
+    for name, layer in layers.items():
+        if name not in states and not layer.init_state:
+            continue
+        state = states.get(name)
+        weight = source.get(name + ".weight").to(layer.lora_A.weight.device)
+        if state is None:
+            zero_a, zero_b = torch.zeros_like(layer.lora_A.weight), torch.zeros_like(layer.lora_B.weight)
+            rebuild_base(layer, weight, zero_a.cpu(), zero_b.cpu())
+            layer.init_state = None
+        else:
+            rebuild_base(layer, weight, *state["offset"])
+            layer.init_state = {"offset": state["offset"]}
+            if state["initial"] is not state["offset"]:
+                layer.init_state["initial"] = state["initial"]
 
 
 def check_adapter_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -143,3 +212,32 @@ def check_adapter_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path:
     if problems:
         raise QLoraKitError(f"adapter {path} does not fit this model ({'; '.join(problems)}); "
                             "was it trained on another base model or with another rank?")
+
+
+def to_plain_lora(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert an svd/loftq adapter into a plain rank-2r LoRA for the ORIGINAL base weights (PEFT's
+    PiSSA-to-LoRA conversion): B' = [B, -B0], A' = [A; A0], alpha doubled (sqrt 2 for rsLoRA) so the
+    scale is unchanged. W + scale * B' @ A' = W + scale * (B @ A - B0 @ A0): exactly what training
+    changed, added to W. Any LoRA loader (PEFT included) can apply it to the unmodified model."""
+    from safetensors.torch import save_file
+
+    config, tensors, raw = read_adapter(path)
+    states = read_init(path)
+    if not states:
+        raise QLoraKitError(f"adapter {path} did not change the base (init {config.init!r}): it is a plain LoRA "
+                            "already and loads in PEFT as it is")
+    merged = {}
+    for name, state in states.items():
+        a0, b0 = state["initial"]
+        merged[f"{name}.lora_A.weight"] = torch.cat([tensors[f"{name}.lora_A.weight"], a0]).contiguous()
+        merged[f"{name}.lora_B.weight"] = torch.cat([tensors[f"{name}.lora_B.weight"], -b0], dim=1).contiguous()
+    plain = replace(config, r=2 * config.r, alpha=config.alpha * (2 ** 0.5 if config.rslora else 2), init="default")
+    ours = raw.get("qlora_kit") or {}
+    extra = {k: v for k, v in ours.items() if k not in ("lora", "modules", "init")}
+    extra["converted_from"] = {"adapter": str(path), "init": config.init}
+    cfg = peft_config_dict(plain, ours.get("modules") or sorted(states), raw.get("base_model_name_or_path"), extra)
+    cfg["target_modules"] = raw.get("target_modules")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file({PEFT_PREFIX + k: v for k, v in merged.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    return Path(out)

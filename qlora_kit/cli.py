@@ -16,6 +16,7 @@ COMMANDS = [
     "qlora_kit.commands.generate",
     "qlora_kit.commands.plan",
     "qlora_kit.commands.export",
+    "qlora_kit.commands.rank_report",
 ]
 
 

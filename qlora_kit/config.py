@@ -51,9 +51,12 @@ class LoraSection:
     targets: typing.Union[str, list] = "all-linear"
     rslora: bool = False
     dtype: str = "auto"              # adapter matmul dtype; auto = the model's compute dtype
+    init: str = "default"            # default | orthogonal | svd (PiSSA) | loftq (needs a quantised base)
+    init_iters: int = 1              # LoftQ rounds
 
     def build(self, seed: int) -> LoraConfig:
-        return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed)
+        return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed,
+                          self.init, self.init_iters)
 
 
 @dataclass

@@ -15,6 +15,12 @@ known from the base's headers before any tensor is computed, so each shard's hea
 first and tensors are appended as they are merged. safetensors reads the result (the verification
 loads it with transformers, the tests with `safetensors.torch.load_file`).
 
+Adapters whose init changed the base (svd, loftq; see qlora_kit.inits) carry the factors that
+rebuild it: "dequantized" then merges into dequant(quant(W - scale * B_off @ A_off)), the base the
+adapter trained on, and "original" into W - scale * B0 @ A0 (B0, A0: the adapter's initial value), so
+that it adds exactly what training changed to the original weights (for PiSSA without quantisation
+that is the trained model itself; PEFT converts PiSSA adapters the same way).
+
 Why "dequantized" is the default: the adapter was trained against dequant(quant(W)), not against W,
 so merging into that base reproduces the fine-tuned model; merging into the original weights adds
 back the quantisation error the adapter learned around. The report measures both.
@@ -34,12 +40,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .adapters import read_adapter
+from .adapters import read_adapter, read_init
 from .errors import QLoraKitError, first_few
 from .io import atomic_dir
 from .loading import build_empty_model, iter_safetensors, load_config, safetensors_files
 from .lora import LoraConfig, lora_delta, linear_layer_names
 from .models import resolve_model_path
+from .inits import residual
 from .quant import QuantConfig, as_dtype, dtype_name, roundtrip
 
 MERGE_BASES = ("dequantized", "original")
@@ -133,7 +140,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         }
         if verify:
             report["verify"] = verify_export(tmp, base, adapter, job.quant, dtype, job.merge_into, files, job.pairs,
-                                             job.lora)
+                                             job.lora, job.states)
         report["times_s"] = {"merge": round(merged_s, 3), "verify": round(time.perf_counter() - started - merged_s, 3),
                              "total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -160,10 +167,11 @@ class MergeJob:
     merge_into: str  # the base actually used ("original" when the adapter was trained unquantised)
     requested_merge_into: str
     quantised: set[str]
+    states: dict  # {weight key: {"offset": (A, B), "initial": (A, B)}} for inits that changed the base
 
     def merged_tensors(self, dtype: torch.dtype, norms: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, merged tensor in `dtype`) for every base tensor in file order, one at a time."""
-        merger = _Merger(self.pairs, self.lora, self.quant, self.quantised, self.merge_into, dtype)
+        merger = _Merger(self.pairs, self.lora, self.quant, self.quantised, self.merge_into, dtype, self.states)
         for key, tensor in iter_safetensors(self.files):
             yield key, merger.merged(key, tensor, norms)
 
@@ -171,7 +179,7 @@ class MergeJob:
         return {"merge_into": self.merge_into, "requested_merge_into": self.requested_merge_into,
                 "quant": self.quant.to_dict() if self.quant is not None else None, "quant_source": self.quant_source,
                 "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "rslora": self.lora.rslora,
-                         "scale": self.lora.scale},
+                         "scale": self.lora.scale, "init": self.lora.init},
                 "adapted_modules": len(self.pairs)}
 
 
@@ -188,8 +196,9 @@ def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequ
     plan = _plan(files)
     pairs = _pair_adapter(adapter_tensors, plan, adapter)
     quantised = _quantised_keys(base) if quant is not None else set()
+    states = {module + ".weight": state for module, state in read_init(adapter).items()}
     return MergeJob(base, adapter, files, plan, lora, pairs, quant, quant_source,
-                    merge_into if quant is not None else "original", merge_into, quantised)
+                    merge_into if quant is not None else "original", merge_into, quantised, states)
 
 
 def _merge_quant(raw: dict, override: QuantConfig | None) -> tuple[QuantConfig | None, str]:
@@ -276,14 +285,21 @@ class _Merger:
     """Turns one base tensor into the tensor to write: merge base, + adapter delta in fp32, cast."""
 
     def __init__(self, pairs, lora: LoraConfig, quant: QuantConfig | None, quantised: set[str],
-                 merge_into: str, dtype: torch.dtype):
+                 merge_into: str, dtype: torch.dtype, states: dict | None = None):
         self.pairs, self.scale, self.quant = pairs, lora.scale, quant
         self.quantised, self.merge_into, self.dtype = quantised, merge_into, dtype
+        self.states = states or {}  # {weight key: {"offset": (A, B), "initial": (A, B)}} for changed bases
 
     def base_weight(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The merge base for `key`: what the trained model computed with, or the stored weight."""
+        state = self.states.get(key)
+        if state is not None and (self.merge_into == "original" or self.quant is None):
+            return residual(tensor, *state["initial"], self.scale, torch.float32)
         if self.merge_into == "original" or self.quant is None:
             return tensor
+        if state is not None:  # the same arithmetic as the init and load_adapter: bit-identical base
+            seen = residual(tensor, *state["offset"], self.scale, self.quant.compute_dtype)
+            return roundtrip(seen, self.quant) if key in self.quantised else seen
         seen = tensor.to(self.quant.compute_dtype)  # the loader casts before quantising
         return roundtrip(seen, self.quant) if key in self.quantised else seen
 
@@ -421,7 +437,8 @@ def _progress(total: int, enabled: bool):
 # ---------------------------------------------------------------- verification and report
 
 def verify_export(folder: Path, base: Path, adapter: Path, quant: QuantConfig | None, dtype: torch.dtype,
-                  merge_into: str, files: list[Path], pairs, lora: LoraConfig, seq_len: int = 32) -> dict:
+                  merge_into: str, files: list[Path], pairs, lora: LoraConfig, states: dict | None = None,
+                  seq_len: int = 32) -> dict:
     """Load the export with transformers and compare its logits with the adapter on the quantised base.
 
     The reference is the model the adapter was trained with (quantised in its compute dtype, so it
@@ -441,7 +458,7 @@ def verify_export(folder: Path, base: Path, adapter: Path, quant: QuantConfig | 
     errors = {merge_into: _rel_error(merged, ids, reference)}
     if quant is not None:
         other = "original" if merge_into == "dequantized" else "dequantized"
-        _swap_in(merged, files, _Merger(pairs, lora, quant, _quantised_keys(base), other, dtype))
+        _swap_in(merged, files, _Merger(pairs, lora, quant, _quantised_keys(base), other, dtype, states))
         errors[other] = _rel_error(merged, ids, reference)
     return {"missing_keys": missing, "unexpected_keys": unexpected, "batch": list(ids.shape),
             "reference": "adapter on the quantised base, fp32 compute" if quant else "adapter on the base, fp32",

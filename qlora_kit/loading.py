@@ -149,6 +149,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     if device.type != "cpu":
         model.to(device)  # the computed buffers (rotary tables) were built on the CPU
     model.quant_config = quant
+    model.source_path = path  # inits that change the base (svd, loftq) re-read weights from here
     model.eval()
     tokenizer = load_tokenizer_from(path) if load_tokenizer else None
     return model, tokenizer

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import QLoraKitError, first_few
+from .inits import check_init, check_init_fits, initialise
 from .quant import QuantLinear, as_dtype, dtype_name
 
 
@@ -32,7 +33,11 @@ class LoraConfig:
     suffixes (["q_proj", "v_proj"]), or a regular expression matched against full module names.
     rslora: scale by alpha / sqrt(r) instead of alpha / r.
     dtype: dtype of the adapter matmuls (master weights stay fp32); "auto" = the model's compute dtype.
-    seed: makes A's initialisation reproducible.
+    seed: makes the initialisation reproducible.
+    init: how A and B start (see qlora_kit.inits): "default" (Kaiming-uniform A, zero B), "orthogonal"
+        (orthonormal rows in A, zero B), "svd" (PiSSA: top-r singular triplets of W; the base becomes
+        the residual) or "loftq" (fit the quantisation error; needs a quantised base).
+    init_iters: LoftQ's alternating rounds T (quantise, then SVD of what quantisation lost).
     """
 
     r: int = 16
@@ -42,8 +47,13 @@ class LoraConfig:
     rslora: bool = False
     dtype: torch.dtype | str = "auto"
     seed: int | None = 0
+    init: str = "default"
+    init_iters: int = 1
 
     def __post_init__(self) -> None:
+        check_init(self.init)
+        if not isinstance(self.init_iters, int) or self.init_iters < 1:
+            raise QLoraKitError(f"init_iters={self.init_iters!r} must be a positive integer (LoftQ rounds, 1-5)")
         if not isinstance(self.r, int) or self.r <= 0:
             raise QLoraKitError(f"LoRA rank r={self.r!r} must be a positive integer (8-64 is usual)")
         if not self.alpha or self.alpha <= 0:
@@ -100,6 +110,8 @@ class LoraLinear(nn.Module):
             a = torch.empty(r, in_f).uniform_(-bound, bound, generator=generator)
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
+        # Set by inits that change the base: the factors it takes to rebuild it (see qlora_kit.inits).
+        self.init_state: dict | None = None
 
     @property
     def in_features(self) -> int:
@@ -180,13 +192,15 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     if lora_layers(model):
         raise QLoraKitError("this model already has LoRA adapters; load a fresh base to add new ones")
     names = match_targets(model, config.targets)
+    check_init_fits(model, names, config)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoraLinear(base, config.r, config.alpha, config.dropout,
-                                            config.rslora, config.dtype, generator))
+        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator)
+        _set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
+    initialise(model, {name: model.get_submodule(name) for name in names}, config)
     model.lora_config = config
     return model
 

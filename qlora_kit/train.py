@@ -98,7 +98,8 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
 def _fingerprint(config: RunConfig) -> dict:
     """What a checkpoint must agree on to be resumed into this run."""
     return {"model": str(config.model.path), "quant": config.quant.__dict__, "r": config.lora.r,
-            "targets": config.lora.targets, "rslora": config.lora.rslora}
+            "targets": config.lora.targets, "rslora": config.lora.rslora,
+            **({"init": config.lora.init} if config.lora.init != "default" else {})}
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
