@@ -27,7 +27,7 @@ from qlora_kit.config import config_from_dict
 from qlora_kit.datasets import chatterbot_records, write_jsonl
 from qlora_kit.inits import INITS, loftq_init, orthogonal_a, svd_init
 from qlora_kit.models import smollm2_path
-from qlora_kit.train import train
+from qlora_kit.trainer import train
 
 
 def held_out_batch(tokenizer, records, n=16, max_len=64) -> dict:

@@ -23,7 +23,7 @@ from .models import smollm2_path
 from .plan import MemoryPlan, check_fits, plan_memory
 from .quant import QuantConfig, QuantLinear
 from .rank import plot_spectra, rank_report
-from .train import train
+from .trainer import train
 
 __all__ = [
     "QuantConfig", "LoraConfig", "QLoraKitError",

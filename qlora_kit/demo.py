@@ -22,9 +22,9 @@ QUESTIONS_SHOWN = 4
 
 
 def run(out: Path, epochs: float = 3.0, max_steps: int | None = None, export: bool = True,
-        overwrite: bool = True) -> dict:
+        overwrite: bool = True, answer_tokens: int = 32) -> dict:
     from . import load_adapter, load_model
-    from .train import train
+    from .trainer import train
 
     started = time.time()
     model_dir = smollm2_path()
@@ -38,7 +38,7 @@ def run(out: Path, epochs: float = 3.0, max_steps: int | None = None, export: bo
     truths = [r["messages"][1]["content"] for r in held_out[:QUESTIONS_SHOWN]]
 
     base, tok = load_model(model_dir, progress=False)
-    before = generate(base, tok, questions, max_new_tokens=32)
+    before = generate(base, tok, questions, max_new_tokens=answer_tokens)
     del base
 
     config = config_from_dict({
@@ -53,7 +53,7 @@ def run(out: Path, epochs: float = 3.0, max_steps: int | None = None, export: bo
 
     model, tok = load_model(model_dir, progress=False)
     load_adapter(model, result.adapter_dir)
-    after = generate(model, tok, questions, max_new_tokens=32)
+    after = generate(model, tok, questions, max_new_tokens=answer_tokens)
     del model
 
     export_report = None
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
-    run(args.out, args.epochs, max_steps=6 if args.quick else None, export=not args.no_export)
+    run(args.out, args.epochs, max_steps=6 if args.quick else None, export=not args.no_export,
+        answer_tokens=12 if args.quick else 32)
     return 0
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from qlora_kit import QLoraKitError
 from qlora_kit.config import config_from_dict
-from qlora_kit.train import train
+from qlora_kit.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_checkpoint_from_other_lora_shape_is_refused(tmp_path, tiny_dir):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    import qlora_kit.train as tr
+    import qlora_kit.trainer as tr
 
     real = tr.causal_lm_loss
     calls = {"n": 0}

@@ -21,7 +21,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..errors import QLoraKitError
-    from ..train import train
+    from ..trainer import train
 
     overrides = {}
     for item in args.set:
