@@ -205,3 +205,11 @@ def test_plan_is_printed_and_a_run_that_cannot_fit_warns(tmp_path, tiny_dir, mon
     with pytest.warns(UserWarning, match="planned to need"):
         train(config_from_dict(raw), progress=False)
     assert "memory plan:" in capsys.readouterr().out
+
+
+def test_train_takes_a_dict_with_the_yaml_sections(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir, max_steps=2, eval_every=2, save_every=2)
+    result = train(raw, progress=False)
+    assert result.steps == 2 and (result.adapter_dir / "adapter_config.json").is_file()
+    with pytest.raises(QLoraKitError, match="did you mean"):
+        train({**raw, "trian": {}}, progress=False)
