@@ -68,10 +68,10 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "quickstart"
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert (run / "run" / "metrics.jsonl").read_text().count("\n") == 6
+    assert (run / "run" / "metrics.jsonl").read_text().count("\n") == 4     # MAX_STEPS in CPU mode
     text = outputs(nb)
     assert "memory plan: SmolLM2-135M-Instruct" in text and "T4 16GB (free)" in text
-    assert "held-out loss" in text and text.count("after:") == 4
+    assert "held-out loss" in text and text.count("after:") == 2
     assert "image/png" in outputs(nb, "mime")           # the loss plot, inline
 
 
