@@ -19,8 +19,8 @@ from .gguf_export import export_gguf
 from .loading import load_model, set_gradient_checkpointing
 from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lora_state_dict, merge_lora,
                    merged_state_dict, trainable_parameters)
-from .models import smollm2_path
-from .plan import MemoryPlan, check_fits, plan_memory
+from .models import fetch_model, smollm2_path
+from .plan import MemoryPlan, check_fits, fit_table, plan_memory
 from .quant import QuantConfig, QuantLinear
 from .rank import plot_spectra, rank_report
 from .trainer import train
@@ -30,8 +30,8 @@ __all__ = [
     "load_model", "add_lora", "set_gradient_checkpointing", "train",
     "save_adapter", "load_adapter", "read_adapter", "export_merged", "export_gguf",
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
-    "trainable_parameters", "smollm2_path", "QuantLinear", "LoraLinear",
-    "plan_memory", "MemoryPlan", "check_fits",
+    "trainable_parameters", "smollm2_path", "fetch_model", "QuantLinear", "LoraLinear",
+    "plan_memory", "MemoryPlan", "check_fits", "fit_table",
     "rank_report", "plot_spectra", "to_plain_lora",
 ]
 __version__ = "0.1.0"

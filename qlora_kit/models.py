@@ -69,3 +69,31 @@ def smollm2_path() -> Path:
 def resolve_model_path(name: str | Path) -> Path:
     """A model folder, or 'smollm2' for the packaged demo model (converted on first use)."""
     return smollm2_path() if str(name).lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct") else Path(name)
+
+
+# What a download keeps: weights as safetensors, configs, tokenizer files and remote code. Never
+# pickles (*.bin, *.pt): qlora_kit does not unpickle, so they would only cost disk and time.
+HUB_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
+                "vocab.*", "merges.txt", "*.py", "LICENSE*")
+
+
+def fetch_model(name: str | Path) -> Path:
+    """A local model folder for `name`, which may be 'smollm2' (the packaged demo model), a local
+    folder, or a Hugging Face Hub id such as 'Qwen/Qwen2.5-7B-Instruct'.
+
+    A Hub id is downloaded once into the Hub cache (safetensors, configs and tokenizer only); gated
+    models (Llama, Mistral) need `huggingface-cli login` or HF_TOKEN first."""
+    path = resolve_model_path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise QLoraKitError(f"model {text!r} is neither a local folder nor a Hugging Face Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+    except Exception as e:  # offline, gated, missing repo or network: the hub's own message says which
+        raise QLoraKitError(f"could not download {text} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                            "Check the id, log in for gated models (huggingface-cli login), unset "
+                            "HF_HUB_OFFLINE, or pass a local folder") from None

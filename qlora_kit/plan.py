@@ -28,6 +28,7 @@ import torch
 from .config import OPTIMIZERS
 from .errors import QLoraKitError, closest, first_few
 from .lora import LoraConfig
+from .models import resolve_model_path
 from .quant import QuantConfig, as_dtype, dtype_name, resolve_dtype
 
 GiB = 1024 ** 3
@@ -203,7 +204,7 @@ def resolve_shape(model: Any) -> ModelShape:
     key = key.removeprefix("mistralai/").removesuffix("-hf").removesuffix("-instruct").removesuffix("-it")
     if key in PRESETS:
         return shape_from_config(PRESETS[key], key)
-    path = Path(text)
+    path = resolve_model_path(text)       # a folder, or 'smollm2' (the packaged demo model)
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
@@ -533,3 +534,29 @@ def check_fits(plan: MemoryPlan, device: str | torch.device = "cuda", free_bytes
             f"{free / GiB:.1f} GiB free; it will likely run out of memory. The largest part that settings "
             f"change is {COMPONENTS[biggest]} ({c[biggest] / GiB:.1f} GiB): lower batch or seq_len, keep "
             "gradient checkpointing on, or use a paged 8-bit optimiser")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which GPU fits which model (the notebooks' Colab note)
+
+
+# Colab's GPUs, usable memory as nvidia-smi reports it.
+COLAB_GPUS = {
+    "T4 16GB (free)": 15360 * MiB,
+    "L4 24GB": 23034 * MiB,
+    "A100 40GB": 40960 * MiB,
+}
+
+
+def fit_table(models: list[str], gpus: dict[str, int] | None = None, seq_len: int = 1024, **settings) -> str:
+    """A text table: per model, the plan's total at batch 1 and the largest batch of `seq_len`-token
+    sequences that fits each GPU ('-' where not even one does). `settings` go to plan_memory."""
+    gpus = COLAB_GPUS if gpus is None else gpus
+    rows = [["model", "params", f"1 x {seq_len}", *gpus]]
+    for model in models:
+        plan = plan_memory(model, seq_len=seq_len, **settings)
+        batches = [plan.max_batch_seq(size, (seq_len,))[seq_len] for size in gpus.values()]
+        rows.append([plan.model, f"{plan.parameters / 1e9:.1f}B", f"{plan.total / GiB:.1f} GiB",
+                     *(f"batch {b}" if b else "-" for b in batches)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -19,7 +19,12 @@ from .errors import QLoraKitError
 def _encode(obj, tensors: dict[str, torch.Tensor]):
     if isinstance(obj, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensor = obj.detach().cpu().contiguous()
+        # safetensors refuses aliased tensors; bitsandbytes' 8-bit optimisers share one code table
+        # (qmap) among all parameters, which on CPU stays one storage. Each gets its own copy.
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()
+        tensors[key] = tensor
         return {"__tensor__": key}
     if isinstance(obj, dict):
         return {"__dict__": [[k, _encode(v, tensors)] for k, v in obj.items()]}

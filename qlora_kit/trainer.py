@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import read_adapter, save_adapter
-from .config import RunConfig, load_config
+from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
 from .fsdp import (decoder_layers, full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
@@ -227,12 +227,15 @@ def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, devi
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(config: RunConfig | str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
+def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
           export: bool | None = None) -> TrainResult:
-    """Fine-tune with LoRA on a quantised base as `config` says; see the module docstring."""
+    """Fine-tune with LoRA on a quantised base as `config` says (a RunConfig, a YAML file, or a dict
+    with the YAML's sections); see the module docstring."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    if isinstance(config, dict):
+        config = config_from_dict(config)
     config = load_config(config) if isinstance(config, (str, Path)) else config.validate()
     t, d = config.train, config.data
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())

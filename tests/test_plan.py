@@ -314,3 +314,25 @@ def test_cli_bad_input_exits_2(capsys):
     assert "did you mean 'llama-2-7b'" in capsys.readouterr().err
     assert main(["plan", "llama-2-7b", "--seq-len", "0"]) == 2
     assert main(["plan", "llama-2-7b", "--gpu-gb", "-1"]) == 2
+
+
+# Which GPU fits which model
+
+
+def test_fit_table_agrees_with_the_plans():
+    from qlora_kit import fit_table
+    from qlora_kit.plan import COLAB_GPUS
+
+    table = fit_table(["mistral-7b", "qwen2.5-32b"], seq_len=1024)
+    header, mistral, qwen = table.splitlines()
+    assert all(name in header for name in COLAB_GPUS)
+    plan = plan_memory("mistral-7b", seq_len=1024)
+    t4 = plan.max_batch_seq(COLAB_GPUS["T4 16GB (free)"], (1024,))[1024]
+    assert mistral.split()[0] == "mistral-7b" and f"batch {t4}" in mistral and t4 >= 1
+    assert f"{plan.total / GiB:.1f} GiB" in mistral
+    assert qwen.split()[-1] != "-" and " - " in qwen            # 32B: not on a T4, yes on an A100 40GB
+
+
+def test_plan_reads_the_packaged_demo_model_by_name(smollm2_dir):
+    plan = plan_memory("smollm2", device="cpu")
+    assert plan.model == smollm2_dir.name and 134_000_000 < plan.parameters < 135_000_000

@@ -103,3 +103,13 @@ def test_bitsandbytes_linear4bit_trap_is_real_or_absent():
 def test_bad_quant_config(kwargs, needle):
     with pytest.raises(QLoraKitError, match=needle):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
+    from qlora_kit.quant import fast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on a T4: emulation
+    assert fast_dtype("cuda") is expected

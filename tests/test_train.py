@@ -250,3 +250,11 @@ def test_fsdp_shards_the_4bit_weights_trains_like_one_process_and_resumes(tmp_pa
     b = load_file(tmp_path / "fsdp-resumed" / "adapter" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_train_takes_a_dict_with_the_yaml_sections(tmp_path, tiny_dir):
+    raw = make_config(tmp_path, tiny_dir, max_steps=2, eval_every=2, save_every=2)
+    result = train(raw, progress=False)
+    assert result.steps == 2 and (result.adapter_dir / "adapter_config.json").is_file()
+    with pytest.raises(QLoraKitError, match="did you mean"):
+        train({**raw, "trian": {}}, progress=False)
