@@ -79,11 +79,12 @@ def print_summary(s: dict) -> None:
     for q, truth, b, a in s["answers"]:
         print(f"\nQ: {q}\n   reference: {truth}\n   before:    {b[:160]}\n   after:     {a[:160]}")
     print(f"\nrun folder: {s['run_dir']} (adapter/, metrics.jsonl, loss.png, checkpoints/)")
-    if s.get("export"):
-        rep = s["export"]
-        err = rep.get("rel_logit_error") if isinstance(rep, dict) else None
-        print(f"merged model: {rep.get('out') if isinstance(rep, dict) else rep}" +
-              (f" (relative logit error vs the 4-bit model with adapter: {err:.2e})" if err is not None else ""))
+    rep = s.get("export")
+    if rep:
+        errors = (rep.get("verify") or {}).get("logit_rel_error", {})
+        shown = ", ".join(f"{base} {err:.2e}" for base, err in errors.items())
+        print(f"merged bf16 model: {rep['out']}" + (f" (relative logit error vs the 4-bit model with adapter, "
+                                                   f"by merge base: {shown}; see report.txt)" if shown else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
