@@ -43,7 +43,7 @@ import torch
 from .adapters import read_adapter, read_init
 from .errors import QLoraKitError, first_few
 from .io import atomic_dir
-from .loading import build_empty_model, iter_safetensors, load_config, safetensors_files
+from .loading import build_empty_model, iter_safetensors, load_config, open_safetensors, safetensors_files
 from .lora import LoraConfig, lora_delta, linear_layer_names
 from .models import resolve_model_path
 from .inits import residual
@@ -218,22 +218,16 @@ def _merge_quant(raw: dict, override: QuantConfig | None) -> tuple[QuantConfig |
 
 def _plan(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(key, shape, dtype) of every base tensor, in file order, read from the headers only."""
-    from safetensors import SafetensorError, safe_open
-
     plan = []
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    view = handle.get_slice(key)
-                    dt = _ST_NAMES.get(view.get_dtype())
-                    if dt is None:
-                        raise QLoraKitError(f"{f}: tensor {key} has dtype {view.get_dtype()}, which the "
-                                            "exporter does not handle")
-                    plan.append((key, tuple(view.get_shape()), dt))
-        except (SafetensorError, OSError) as e:
-            raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
-                                "corrupt: copy or convert it again") from None
+        with open_safetensors(f) as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                dt = _ST_NAMES.get(view.get_dtype())
+                if dt is None:
+                    raise QLoraKitError(f"{f}: tensor {key} has dtype {view.get_dtype()}, which the "
+                                        "exporter does not handle")
+                plan.append((key, tuple(view.get_shape()), dt))
     return plan
 
 

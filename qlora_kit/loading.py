@@ -9,6 +9,7 @@ one tensor. Nothing is unpickled; remote code runs only when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import replace
@@ -162,18 +163,25 @@ def _tied_keys(model: nn.Module) -> list[str]:
     return list(tied.keys() if isinstance(tied, dict) else tied)
 
 
-def _count_tensors(files: list[Path]) -> int:
+@contextlib.contextmanager
+def open_safetensors(f: Path):
+    """safe_open for reading headers, with a clear error for a truncated or corrupt file."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        total = 0
-        for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                total += len(handle.keys())
-        return total
+        with safe_open(str(f), framework="pt") as handle:
+            yield handle
     except (SafetensorError, OSError) as e:
         raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
                             "corrupt: copy or convert it again") from None
+
+
+def _count_tensors(files: list[Path]) -> int:
+    total = 0
+    for f in files:
+        with open_safetensors(f) as handle:
+            total += len(handle.keys())
+    return total
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
