@@ -1,0 +1,58 @@
+"""benchmarks/e2e_7b.py on a tiny checkpoint: its tokenizer feeds the trainer exactly the planned token
+ids, the load prediction adds up, and the report (table, figure) handles finished and stopped phases."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import e2e_7b  # noqa: E402
+from qlora_kit.data import build_dataset, prepare_tokenizer, read_jsonl  # noqa: E402
+from qlora_kit.loading import load_tokenizer_from  # noqa: E402
+
+SHAPE = dict(hidden=64, layers=1, heads=4, intermediate=128, vocab=300)
+
+
+def test_text_becomes_the_planned_token_ids(tmp_path):
+    folder = e2e_7b.with_tokenizer(e2e_7b.write_checkpoint(tmp_path / "ckpt", **SHAPE), SHAPE["vocab"])
+    rows = e2e_7b.token_rows(SHAPE["vocab"], seq=16, rows=3)
+    data = e2e_7b.write_data(tmp_path / "train.jsonl", rows)
+    tokenizer = prepare_tokenizer(load_tokenizer_from(folder))
+    dataset = build_dataset(read_jsonl(data), tokenizer, max_seq_len=16)
+    assert [ids for ids, _ in dataset.examples] == rows
+    assert [labels for _, labels in dataset.examples] == rows          # every token is trained
+    assert dataset.stats.truncated == 0
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+    plan = e2e_7b.plan({"model": str(folder), "seq": 16})
+    load = e2e_7b.predict_load(plan, folder)
+    c = plan.components
+    assert load["parts"]["static"] == c["quantized_weights"] + c["quant_constants"] + c["unquantized_weights"]
+    assert load["total"] == sum(load["parts"].values())
+
+
+def results(phases: dict) -> dict:
+    return {"preset": "small", "machine": {"cpus": 2, "memory_gib": 23.5, "fast_dtype": "float32"},
+            "settings": {"seq": 128, "steps": 3, "rss_cap_gib": 21.0, "ref_compute_dtype": "float32"},
+            "phases": phases}
+
+
+def test_table_and_figure_show_finished_and_stopped_phases(tmp_path):
+    gib = e2e_7b.GIB
+    phases = {
+        "ours-load": {"status": "ok", "peak_rss": 5 * gib, "wall_s": 300.0, "predicted": 5.5 * gib, "error": 0.1,
+                      "compute_dtype": "torch.float32"},
+        "ours-train": {"status": "ok", "peak_rss": 6 * gib, "wall_s": 1200.0, "predicted": 6.15 * gib,
+                       "error": 0.025, "s_per_step": 300.0, "floor_ratio": 1.7, "compute_dtype": "torch.float32"},
+        "ref-merge": {"status": "rss_cap", "peak_rss": 21.2 * gib, "wall_s": 400.0},
+        "ref-train": {"status": "failed", "peak_rss": 2 * gib, "wall_s": 10.0, "log_tail": "Traceback"},
+    }
+    text = e2e_7b.table(results(phases))
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(phases)
+    assert "+10.0%" in lines[1] and "1.70" in lines[2] and "float32" in lines[2]
+    assert "~21.20" in lines[3] and "killed at RSS cap" in lines[3]
+    assert "failed" in lines[4]
+    assert "killed at 21.20 GiB RSS after 400 s" in e2e_7b.describe("ref-merge", phases["ref-merge"])
+    e2e_7b.plot(results(phases), tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
