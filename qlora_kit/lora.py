@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -38,6 +39,11 @@ class LoraConfig:
         (orthonormal rows in A, zero B), "svd" (PiSSA: top-r singular triplets of W; the base becomes
         the residual) or "loftq" (fit the quantisation error; needs a quantised base).
     init_iters: LoftQ's alternating rounds T (quantise, then SVD of what quantisation lost).
+    shared_dropout: adapters that read the same input (q/k/v; gate/up) share one dropout mask, so a
+        block draws 4 masks instead of 7. Each adapter still sees its input dropped with probability
+        `dropout`; what changes is that the noise is the same for the three (two) of them, where
+        PEFT draws one mask per adapter. False gives PEFT's independent masks (slower: the masks
+        cost about as much as the adapters' matmuls on CPU).
     """
 
     r: int = 16
@@ -49,6 +55,7 @@ class LoraConfig:
     seed: int | None = 0
     init: str = "default"
     init_iters: int = 1
+    shared_dropout: bool = True
 
     def __post_init__(self) -> None:
         check_init(self.init)
@@ -93,17 +100,18 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, dtype: torch.dtype = torch.bfloat16,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, shared_dropout: bool = True):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = lora_scale(alpha, r, rslora)
         self.dtype = dtype
+        self.dropout_p = float(dropout)
+        self.shared_dropout = shared_dropout
         in_f, out_f = base_layer.in_features, base_layer.out_features
         device = base_layer.weight.device
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # PEFT's default init: Kaiming-uniform A (a=sqrt(5)), zero B.
         bound = 1.0 / math.sqrt(in_f)
         with torch.no_grad():
@@ -113,6 +121,29 @@ class LoraLinear(nn.Module):
         # Set by inits that change the base: the factors it takes to rebuild it (see qlora_kit.inits).
         self.init_state: dict | None = None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h, keep_scale = self._dropped_input(x)
+        a = F.linear(h, self.lora_A.weight.to(self.dtype))
+        # scale (and dropout's 1 / (1 - p)) go into B, an out x r matrix, not into the activations
+        b = (self.lora_B.weight * (self.scale * keep_scale)).to(self.dtype)
+        if a.dtype == y.dtype and y.dim() >= 2:  # y + a @ b.T in one GEMM (the add is its epilogue)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.r), b.t()).view(y.shape)
+        return y + F.linear(a, b).to(y.dtype)
+
+    def _dropped_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The adapter's input after dropout (zeros only: the rescaling is returned, for B)."""
+        if not self.training or self.dropout_p == 0.0:
+            return x.to(self.dtype), 1.0
+        if self.shared_dropout:
+            hit = _SHARED_DROPOUT.get(x, self.dropout_p, self.dtype)
+            if hit is not None:
+                return hit
+        out = dropout_zeros(x.to(self.dtype), self.dropout_p)
+        if self.shared_dropout:
+            _SHARED_DROPOUT.put(x, self.dropout_p, self.dtype, out)
+        return out
+
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
@@ -120,12 +151,6 @@ class LoraLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        h = self.dropout(x).to(self.dtype)
-        h = F.linear(F.linear(h, self.lora_A.weight.to(self.dtype)), self.lora_B.weight.to(self.dtype))
-        return y + (h * self.scale).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scale)
@@ -138,6 +163,51 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dtype={dtype_name(self.dtype)}"
+
+
+_MASK_LEVELS = 65536  # masks are drawn as 16-bit integers: p is rounded to a multiple of 1/65536
+
+
+def dropout_zeros(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(x with each element zeroed with probability p, 1 / (1 - p)).
+
+    The caller applies the 1 / (1 - p) rescaling (LoraLinear folds it into B). The mask comes from
+    16-bit random integers, four per 64-bit draw of the device's generator: on CPU this is several
+    times faster than `bernoulli_`, which draws one random number per element, and it follows the
+    generator's state, so activation checkpointing recomputes the same mask."""
+    cut = round(p * _MASK_LEVELS)
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    noise = draws.view(torch.int16)[:x.numel()].view(x.shape)
+    dropped = x.masked_fill(noise < cut - _MASK_LEVELS // 2, 0.0)
+    return dropped, _MASK_LEVELS / (_MASK_LEVELS - cut)
+
+
+class _SharedDropoutSlot:
+    """The last dropped input, so that adapters reading the same tensor (q/k/v, gate/up) reuse it.
+
+    Keyed by the input tensor's identity (a weak reference: a freed input never matches), the
+    dropout probability and the dtype. One slot is enough because a block's sibling projections
+    run one after another on the same input; a checkpointed block's recomputation meets new input
+    tensors and, with the generator restored, draws the same masks again."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor, float] | None = None
+
+    def get(self, x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float] | None:
+        if self.key is None:
+            return None
+        ref, kp, kd, grad = self.key
+        if ref() is x and kp == p and kd == dtype and grad == torch.is_grad_enabled():
+            return self.value
+        return None
+
+    def put(self, x: torch.Tensor, p: float, dtype: torch.dtype, value: tuple[torch.Tensor, float]) -> None:
+        self.key = (weakref.ref(x), p, dtype, torch.is_grad_enabled())
+        self.value = value
+
+
+_SHARED_DROPOUT = _SharedDropoutSlot()
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -198,7 +268,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator)
+        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator,
+                           config.shared_dropout)
         _set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
     initialise(model, {name: model.get_submodule(name) for name in names}, config)
     model.lora_config = config

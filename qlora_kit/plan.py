@@ -285,25 +285,34 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     ab = torch.finfo(lora.dtype).bits // 8
     dropout = lora.dropout > 0
-    mask = 1 if device == "cuda" else cb        # CUDA keeps a bool mask, CPU a scaled noise tensor
+    one_mask = dropout and lora.shared_dropout  # siblings share the dropped input and its bool mask
 
     def branch(suffix: str, width: int) -> float:
-        """A LoRA branch: dropout's mask and the A matmul's input (a copy when cast), A's output."""
+        """A LoRA branch: its dropped input and bool mask (unless shared), or a cast copy; A's output."""
         if suffix not in targeted:
             return 0.0
-        own_input = (mask + ab) * width if dropout else (ab * width if ab != cb else 0)
+        if dropout:
+            own_input = 0 if one_mask else (1 + ab) * width
+        else:
+            own_input = ab * width if ab != cb else 0
         return own_input + ab * lora.r
 
     def shared(suffixes: tuple[str, ...], width: int) -> float:
-        """Undropped, uncast LoRA branches save the layer's input itself, once for all of them."""
-        return cb * width if not dropout and ab == cb and targeted & set(suffixes) else 0
+        """What sibling branches save once: the shared dropped input and mask, or the undropped,
+        uncast input itself."""
+        if not targeted & set(suffixes):
+            return 0
+        if one_mask:
+            return (1 + ab) * width
+        return cb * width if not dropout and ab == cb else 0
 
     total = shape.norms_per_layer * (4 * h + 4)         # RMSNorm keeps its fp32 input and 1/rms
     total += shared(("q_proj", "k_proj", "v_proj"), h) + sum(branch(s, h) for s in ("q_proj", "k_proj", "v_proj"))
     total += cb * (2 * q + 2 * kv) + 4 * shape.heads    # rotated q, k; v; attention output; logsumexp
     if shape.qk_norm:
         total += 4 * (q + kv)
-    total += branch("o_proj", q)              # undropped, o_proj's input is attention's saved output
+    # undropped, o_proj's input is attention's output, which attention saves already
+    total += (shared(("o_proj",), q) if one_mask else 0) + branch("o_proj", q)
     total += shared(("gate_proj", "up_proj"), h) + branch("gate_proj", h) + branch("up_proj", h)
     total += 3 * cb * i                                 # gate, act(gate), up
     total += shared(("down_proj",), i) + branch("down_proj", i)

@@ -124,6 +124,39 @@ def _bnb():
     return bnbf
 
 
+QUANT_CHUNK = 1 << 24  # weights per call of the 4-bit quantiser, which needs ~14 bytes of scratch per weight
+
+
+def _quantize_4bit(weight: torch.Tensor, config: QuantConfig):
+    """bitsandbytes' quantize_4bit, run over slices of at most QUANT_CHUNK weights.
+
+    Blocks never straddle slices, and the double quantisation of the block constants runs once
+    over all of them, as bitsandbytes does, so the result is bit-identical to one call on the whole
+    tensor; the quantiser's scratch memory is bounded by the slice (a 4096 x 11008 matrix would
+    need 0.6 GiB of it at once)."""
+    bnbf = _bnb()
+    n, block = weight.numel(), config.blocksize
+    step = max(block, QUANT_CHUNK // block * block)
+    if n <= step:
+        return bnbf.quantize_4bit(weight, blocksize=block, compress_statistics=config.double_quant,
+                                  quant_type=config.quant_type)
+    flat = weight.reshape(-1)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty((n + block - 1) // block, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, step):
+        part, scale = torch.ops.bitsandbytes.quantize_4bit.default(
+            flat[start:start + step], block, config.quant_type, torch.uint8)
+        packed[start // 2:start // 2 + part.shape[0]] = part.view(-1, 1)
+        absmax[start // block:start // block + scale.numel()] = scale.view(-1)
+    code = bnbf.get_4bit_type(config.quant_type, device=weight.device)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=block, code=code, quant_type=config.quant_type)
+    if not config.double_quant:
+        return packed, bnbf.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bnbf.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+
+
 class QuantizedWeight:
     """A weight matrix in bitsandbytes' storage: packed data plus what it takes to dequantise it."""
 
@@ -132,9 +165,7 @@ class QuantizedWeight:
         self.config = config
         bnbf = _bnb()
         if config.bits == 4:
-            self.data, self.state = bnbf.quantize_4bit(
-                weight.contiguous(), blocksize=config.blocksize,
-                compress_statistics=config.double_quant, quant_type=config.quant_type)
+            self.data, self.state = _quantize_4bit(weight.contiguous(), config)
         else:
             self.data, self.row_scale, _ = bnbf.int8_vectorwise_quant(weight.contiguous())
 
@@ -143,9 +174,24 @@ class QuantizedWeight:
         (a sharded model hands in the gathered one)."""
         bnbf = _bnb()
         data = self.data if data is None else data
-        if self.config.bits == 4:
-            return bnbf.dequantize_4bit(data, self.state).to(dtype)
-        return bnbf.int8_vectorwise_dequant(data, self.row_scale).to(dtype)
+        if self.config.bits == 8:
+            return bnbf.int8_vectorwise_dequant(data, self.row_scale).to(dtype)
+        s = self.state
+        if s.nested and data.device.type == "cpu":
+            # bitsandbytes' CPU kernel for the nested constants costs as much as the 4-bit weights
+            # themselves; the same arithmetic (code[q] * absmax2[block] + offset, in fp32) as tensor ops
+            w = torch.ops.bitsandbytes.dequantize_4bit.default(
+                data, self._absmax(), s.blocksize, s.quant_type, s.shape, s.dtype)
+            return w.to(dtype)
+        return bnbf.dequantize_4bit(data, s).to(dtype)
+
+    def _absmax(self) -> torch.Tensor:
+        """The fp32 block constants of a double-quantised weight."""
+        s = self.state
+        s2 = s.state2
+        q = s.absmax
+        scales = s2.absmax.repeat_interleave(s2.blocksize)[:q.numel()]
+        return s2.code[q.long()] * scales + s.offset
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this weight holds (packed data and constants), for memory accounting."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_kit import QLoraKitError, QuantConfig, QuantLinear
-from qlora_kit.quant import roundtrip
+from qlora_kit.quant import QuantizedWeight, roundtrip
 
 BF16 = torch.bfloat16
 CONFIGS = [
@@ -113,3 +113,24 @@ def test_auto_dtype_on_cuda_is_bf16_only_where_the_card_has_it(monkeypatch, capa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on a T4: emulation
     assert fast_dtype("cuda") is expected
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(100, 320), (101, 65), (97, 64)])
+def test_sliced_quantiser_is_bit_identical_to_one_call(monkeypatch, shape, double_quant):
+    """Large weights are quantised in slices (bounded scratch memory); the result must not change."""
+    import bitsandbytes.functional as bnbf
+
+    import qlora_kit.quant as quant
+
+    monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
+    w = torch.randn(*shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    for quant_type in ("nf4", "fp4"):
+        ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant))
+        data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+        assert torch.equal(ours.data, data)
+        assert torch.equal(ours.state.absmax, state.absmax)
+        if double_quant:
+            assert torch.equal(ours.state.state2.absmax, state.state2.absmax)
+            assert torch.equal(ours.state.offset, state.offset)
+        assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(data, state).float())

@@ -1,0 +1,461 @@
+"""Training speed and memory: qlora_kit against the usual transformers + peft + bitsandbytes recipe.
+
+    python benchmarks/vs_recipe.py [--preset llama-1024] [--steps 8] [--warmup 2] [--out DIR]
+                                   [--ref-dtype auto|bf16|fp32] [--profile]
+
+One invocation runs both sides on the same model folder, batch, sequence length, data, LoRA
+settings and initial adapter, each in its own child process (so imports, allocator state and peak
+RSS do not mix), then prints each side's figures and the ratios qlora_kit / reference:
+
+  tokens/s      median over the steps after warm-up;
+  peak RSS      the process's resident-memory high-water mark while training (reset after loading),
+                and the whole process's peak; on CUDA, peak allocated CUDA memory too;
+  model bytes   parameters and buffers of the loaded model (quantised weights at their packed size);
+  trainable     adapter parameters;
+  loss          per step, and the mean of the last steps (the two sides must agree: same math);
+  GEMM floor    6 x linear params x tokens FLOP per step (forward, recomputed forward and input
+                gradient, each 2 FLOP per weight per token; frozen weights have no weight gradient)
+                plus the output head's 6 x vocab x hidden x tokens, at this machine's measured matmul
+                throughput in the compute dtype, timed in the same run. "x floor" = step time / floor.
+
+The reference: transformers `BitsAndBytesConfig` (NF4, double quant), peft `LoraConfig` (r16,
+alpha 32, dropout 0.05, all seven projections), `prepare_model_for_kbit_training`, non-reentrant
+gradient checkpointing, torch AdamW; its forward computes the loss from full logits, as the
+recipe does. Ours: `load_model` + `add_lora` + `set_gradient_checkpointing` + the trainer's loss
+module and optimiser (the same pieces `qlora_kit.train` runs each step), also torch AdamW here so
+the update rule is identical.
+
+Compute dtype: "auto" gives both sides the dtype this device multiplies fastest (bf16 on GPUs and
+CPUs with AVX512-BF16/AMX; fp32 on AVX2-only CPUs, where a bf16 matmul is emulated and >100x
+slower). `--ref-dtype bf16` runs the recipe exactly as usually written (bf16 compute) for
+comparison; on an AVX2-only CPU expect it to take minutes per step.
+
+Data: for random-init presets, sequences of a random 16-token motif repeated (learnable, so the
+loss falls and the two sides' losses can be compared); for `smollm2`, chatterbot-corpus
+conversations with the model's chat template. Writes results.json and chart.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESETS = {  # name -> Llama shape (hidden, intermediate, layers, heads, kv heads, vocab)
+    "tiny": (256, 688, 2, 4, 4, 32000),
+    "llama-512": (512, 1408, 8, 8, 8, 32000),
+    "llama-1024": (1024, 2816, 12, 16, 16, 32000),
+    "llama-2048": (2048, 5632, 16, 16, 16, 32000),
+    "smollm2": None,  # the real SmolLM2-135M-Instruct
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA, DROPOUT, LR = 16, 32, 0.05, 2e-4
+MIB = 2 ** 20
+
+
+# ------------------------------------------------------------------ shared by parent and children
+
+def vm_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+# ------------------------------------------------------------------ parent: inputs
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit")) / "bench"
+
+
+def model_folder(preset: str) -> Path:
+    if preset == "smollm2":
+        from qlora_kit.models import smollm2_path
+        return smollm2_path()
+    folder = cache_dir() / f"recipe-{preset}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = PRESETS[preset]
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                  max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def make_data(folder: Path, preset: str, steps: int, batch: int, seq: int, out: Path) -> Path:
+    """input_ids of shape (steps, batch, seq), the same for both sides."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    if preset == "smollm2":
+        import random
+
+        from qlora_kit.datasets import chatterbot_records
+        from qlora_kit.loading import load_tokenizer_from
+
+        tok = load_tokenizer_from(folder)
+        records = chatterbot_records()
+        random.Random(0).shuffle(records)
+        ids: list[int] = []
+        for r in records:
+            ids += tok.apply_chat_template(r["messages"], tokenize=True)
+            if len(ids) >= steps * batch * seq:
+                break
+        ids = (ids * (1 + steps * batch * seq // max(1, len(ids))))[:steps * batch * seq]
+        data = torch.tensor(ids).view(steps, batch, seq)
+    else:
+        vocab = PRESETS[preset][5]
+        motif = torch.randint(0, vocab, (steps, batch, 16), generator=g)
+        data = motif.repeat(1, 1, math.ceil(seq / 16))[:, :, :seq].contiguous()
+    path = out / "data.safetensors"
+    save_file({"input_ids": data}, str(path))
+    return path
+
+
+def make_adapter(folder: Path, out: Path) -> Path:
+    """One initial adapter for both sides: PEFT's default init (Kaiming-uniform A, zero B), seeded."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    shapes = {"q_proj": (c.num_attention_heads * head_dim, c.hidden_size),
+              "k_proj": (c.num_key_value_heads * head_dim, c.hidden_size),
+              "v_proj": (c.num_key_value_heads * head_dim, c.hidden_size),
+              "o_proj": (c.hidden_size, c.num_attention_heads * head_dim),
+              "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size)}
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(c.num_hidden_layers):
+        for p, (out_f, in_f) in shapes.items():
+            block = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            name = f"model.layers.{i}.{block}.{p}"
+            bound = 1.0 / math.sqrt(in_f)
+            tensors[f"{name}.lora_A.weight"] = torch.empty(R, in_f).uniform_(-bound, bound, generator=g)
+            tensors[f"{name}.lora_B.weight"] = torch.zeros(out_f, R)
+    path = out / "adapter_init.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def gemm_flops(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
+    """Best-of matmul throughput (FLOP/s) of this machine in a dtype, n x n x n."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        n = 512  # an emulated 16-bit GEMM is slow: keep the probe short
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+# ------------------------------------------------------------------ children
+
+def _common_setup(args):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_file(args.data)["input_ids"]
+    init = load_file(args.adapter)
+    return torch, data, init
+
+
+def _copy_init(named_layers: dict, init: dict) -> None:
+    """named_layers: module name -> (lora_A Linear, lora_B Linear)."""
+    import torch
+
+    with torch.no_grad():
+        for name, (a, b) in named_layers.items():
+            a.weight.copy_(init[f"{name}.lora_A.weight"])
+            b.weight.copy_(init[f"{name}.lora_B.weight"])
+
+
+def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> dict:
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    times, losses = [], []
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset_hwm()
+    rss_before = vm_kib("VmRSS") * 1024
+    prof = None
+    for step in range(data.shape[0]):
+        if profile and step == data.shape[0] - 1:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        ids = data[step].to(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(value)
+        print(f"  step {step + 1}/{data.shape[0]}: loss {value:.4f}, {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    out = {"step_s": times, "losses": losses, "train_peak_rss": vm_kib("VmHWM") * 1024,
+           "rss_before_train": rss_before, "process_peak_rss": None}
+    if cuda:
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        Path(profile).write_text(table)
+    return out
+
+
+def child_ours(args) -> dict:
+    torch, data, init = _common_setup(args)
+    from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model
+    from qlora_kit.lora import lora_layers, trainable_parameters
+    from qlora_kit.loading import set_gradient_checkpointing
+    from qlora_kit.trainer import LossModule
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = time.perf_counter()
+    model, _ = load_model(args.model, quant=QuantConfig(compute_dtype=args.dtype), load_tokenizer=False,
+                          progress=False, device=device)
+    add_lora(model, LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets=PROJECTIONS))
+    _copy_init({n: (m.lora_A, m.lora_B) for n, m in lora_layers(model).items()}, init)
+    set_gradient_checkpointing(model, True)
+    model.train()
+    load_s = time.perf_counter() - t
+    loss_module = LossModule(model, chunk_tokens=1024)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = trainable_parameters(model)
+    model_bytes = sum(m.nbytes() for m in model.modules() if hasattr(m, "qweight"))
+    packed = {id(m.weight) for m in model.modules() if hasattr(m, "qweight")}
+    packed |= {id(m.bias) for m in model.modules() if hasattr(m, "qweight") and m.bias is not None}
+    model_bytes += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in packed)
+    model_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+
+    def step(ids):
+        loss, _ = loss_module(input_ids=ids, labels=ids)
+        return loss
+
+    result = _train_loop(torch, step, params, data, device, args.profile_to)
+    result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=sum(m.in_features * m.out_features for m in lora_layers(model).values()),
+                  compute_dtype=str(next(m.compute_dtype for m in model.modules() if hasattr(m, "qweight"))),
+                  grad_norm_check=None)
+    return result
+
+
+def child_reference(args) -> dict:
+    torch, data, init = _common_setup(args)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_kit.quant import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    t = time.perf_counter()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=PROJECTIONS,
+                                             task_type="CAUSAL_LM"))
+    load_s = time.perf_counter() - t
+    layers = {n.removeprefix("base_model.model."): (m.lora_A["default"], m.lora_B["default"])
+              for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    _copy_init(layers, init)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    model_bytes = model.get_memory_footprint()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    result = _train_loop(torch, step, params, data, device, args.profile_to)
+    lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
+              if n.endswith(tuple(p + ".base_layer" for p in PROJECTIONS)))
+    result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=lin,
+                  compute_dtype=str(dtype))
+    return result
+
+
+# ------------------------------------------------------------------ parent
+
+def run_child(side: str, args, data: Path, adapter: Path, folder: Path, dtype: str, profile: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--model", str(folder), "--data", str(data),
+           "--adapter", str(adapter), "--dtype", dtype, "--threads", str(args.threads or 0)]
+    if profile:
+        cmd += ["--profile-to", str(profile)]
+    print(f"running {side} (compute dtype {dtype}) ...", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stdout = proc.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{side} child failed (exit {os.waitstatus_to_exitcode(status)})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["process_peak_rss"] = usage.ru_maxrss * 1024
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def summarise(r: dict, warmup: int, floor_flops: float, vocab_hidden: int, batch: int, seq: int) -> dict:
+    timed = r["step_s"][warmup:] or r["step_s"]
+    step = statistics.median(timed)
+    tokens = batch * seq
+    flop = 6 * (r["linear_params"] + vocab_hidden) * tokens
+    last = r["losses"][-max(1, len(r["losses"]) // 4):]
+    return {"tokens_per_s": tokens / step, "step_s": step, "x_floor": step / (flop / floor_flops),
+            "train_peak_rss_mib": r["train_peak_rss"] / MIB, "process_peak_rss_mib": r["process_peak_rss"] / MIB,
+            "model_mib": r["model_bytes"] / MIB, "trainable": r["trainable"], "loss_first": r["losses"][0],
+            "loss_last": r["losses"][-1], "loss_tail_mean": sum(last) / len(last), "load_s": r["load_s"],
+            "compute_dtype": r["compute_dtype"], "cuda_peak_mib": r.get("cuda_peak_bytes", 0) / MIB or None}
+
+
+def chart(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    colors = ["tab:blue", "tab:orange", "tab:gray"][:len(sides)]
+    for ax, (key, title) in zip(axes, [("tokens_per_s", "tokens/s (higher is better)"),
+                                       ("train_peak_rss_mib", "peak RSS while training, MiB"),
+                                       ("model_mib", "model in memory, MiB")]):
+        values = [summary[s][key] for s in sides]
+        ax.bar(sides, values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="llama-1024")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
+    p.add_argument("--dtype", default="auto", help="qlora_kit's compute dtype")
+    p.add_argument("--ref-dtype", default="auto", help="the recipe's compute dtype (the usual recipe writes bf16)")
+    p.add_argument("--also-ref-bf16", action="store_true",
+                   help="also run the recipe with bf16 compute, as usually written (slow on AVX2-only CPUs)")
+    p.add_argument("--loss-rtol", type=float, default=0.02, help="allowed relative difference of the last losses")
+    p.add_argument("--profile", action="store_true", help="profile each side's last step (top ops by self time)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile-to", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--adapter", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        result = (child_ours if args.child == "ours" else child_reference)(args)
+        print(json.dumps(result))
+        return
+
+    from qlora_kit.quant import dtype_name, resolve_dtype
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-vs-recipe-"))
+    out.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(args.preset)
+    data = make_data(folder, args.preset, args.steps, args.batch, args.seq, out)
+    adapter = make_adapter(folder, out)
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    vocab_hidden = c.vocab_size * c.hidden_size
+    ours_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name(resolve_dtype(args.dtype))]
+    ref_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name(resolve_dtype(args.ref_dtype))]
+    flops = {d: gemm_flops(d) for d in sorted({ours_dtype, ref_dtype, "fp32", "bf16"})}
+    print("matmul throughput here: " + ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in flops.items()))
+
+    runs = {"qlora_kit": ("ours", ours_dtype), "reference": ("reference", ref_dtype)}
+    if args.also_ref_bf16 and ref_dtype != "bf16":
+        runs["reference-bf16"] = ("reference", "bf16")
+    raw, summary = {}, {}
+    for label, (side, dtype) in runs.items():
+        prof = out / f"profile-{label}.txt" if args.profile else None
+        raw[label] = run_child(side, args, data, adapter, folder, dtype, prof)
+        summary[label] = summarise(raw[label], args.warmup, flops[dtype], vocab_hidden, args.batch, args.seq)
+
+    ours, ref = summary["qlora_kit"], summary["reference"]
+    ratios = {"tokens_per_s": ours["tokens_per_s"] / ref["tokens_per_s"],
+              "train_peak_rss": ours["train_peak_rss_mib"] / ref["train_peak_rss_mib"],
+              "process_peak_rss": ours["process_peak_rss_mib"] / ref["process_peak_rss_mib"],
+              "model_bytes": ours["model_mib"] / ref["model_mib"]}
+    loss_rel = abs(ours["loss_tail_mean"] - ref["loss_tail_mean"]) / abs(ref["loss_tail_mean"])
+    print(f"\n{args.preset}: batch {args.batch} x seq {args.seq}, LoRA r{R} all seven projections, "
+          f"{args.steps} steps ({args.warmup} warm-up), threads {args.threads or 'default'}")
+    head = f"{'':16s}{'tok/s':>8s}{'s/step':>8s}{'x floor':>9s}{'train RSS':>11s}{'peak RSS':>10s}" \
+           f"{'model':>8s}{'trainable':>11s}{'loss 0':>8s}{'loss end':>9s}{'dtype':>10s}"
+    print(head)
+    for label, s in summary.items():
+        print(f"{label:16s}{s['tokens_per_s']:8.1f}{s['step_s']:8.2f}{s['x_floor']:9.2f}"
+              f"{s['train_peak_rss_mib']:9.0f}Mi{s['process_peak_rss_mib']:8.0f}Mi{s['model_mib']:6.0f}Mi"
+              f"{s['trainable']:11,d}{s['loss_first']:8.3f}{s['loss_tail_mean']:9.3f}{s['compute_dtype'].removeprefix('torch.'):>10s}")
+    print(f"ratios qlora_kit / reference: tokens/s {ratios['tokens_per_s']:.2f}x, peak RSS while training "
+          f"{ratios['train_peak_rss']:.2f}x, whole-process peak RSS {ratios['process_peak_rss']:.2f}x, "
+          f"model bytes {ratios['model_bytes']:.2f}x")
+    verdict = "agree" if loss_rel <= args.loss_rtol else "DISAGREE"
+    print(f"losses over the last steps {verdict}: relative difference {loss_rel:.4f} (tolerance {args.loss_rtol})")
+    if "reference-bf16" in summary:
+        rb = summary["reference-bf16"]
+        print(f"against the recipe with bf16 compute: tokens/s {ours['tokens_per_s'] / rb['tokens_per_s']:.1f}x, "
+              f"peak RSS while training {ours['train_peak_rss_mib'] / rb['train_peak_rss_mib']:.2f}x")
+    results = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+               "gemm_flops": flops, "summary": summary, "ratios": ratios, "loss_rel_diff": loss_rel, "raw": raw}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    chart(summary, out / "chart.png")
+    print(f"results in {out / 'results.json'}, chart in {out / 'chart.png'}")
+    if loss_rel > args.loss_rtol:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
