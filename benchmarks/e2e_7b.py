@@ -152,14 +152,16 @@ def predict_load(memory_plan, folder: Path) -> dict:
     shard is closed) and quantises one weight at a time: the weight cast to the compute dtype,
     bitsandbytes' CPU quantiser's fp32 copy (none when that is the compute dtype), then its scaled
     blocks and int32 codes (4 + 4 bytes per weight) and the uint8 codes with their packed halves
-    (2 bytes), next to the bf16 tensor read (2 bytes)."""
+    (2 bytes), next to the bf16 tensor read (2 bytes). The quantiser's part runs over slices of at
+    most QUANT_CHUNK weights (qlora_kit.quant), the read tensor and its cast over the whole weight."""
     from qlora_kit.plan import CPU_INTERPRETER_BYTES, resolve_shape
+    from qlora_kit.quant import QUANT_CHUNK
 
     c = memory_plan.components
     shape = resolve_shape(folder)
     cb = 4 if memory_plan.settings["quant"]["compute_dtype"] == "float32" else 2
     largest = max(a * b for _, a, b, _ in shape.linears())
-    quantiser = largest * (2 + cb + (0 if cb == 4 else 4) + 4 + 4 + 2)
+    quantiser = largest * (2 + cb) + min(largest, QUANT_CHUNK) * ((0 if cb == 4 else 4) + 4 + 4 + 2)
     shard = max(f.stat().st_size for f in folder.glob("*.safetensors"))
     parts = {"static": c["quantized_weights"] + c["quant_constants"] + c["unquantized_weights"],
              "interpreter": CPU_INTERPRETER_BYTES, "shard_pages": shard, "quantiser": quantiser}
