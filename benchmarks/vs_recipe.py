@@ -15,7 +15,8 @@ RSS do not mix), then prints each side's figures and the ratios qlora_kit / refe
   loss          per step, and the mean of the last steps (the two sides must agree: same math);
   GEMM floor    6 x linear params x tokens FLOP per step (forward, recomputed forward and input
                 gradient, each 2 FLOP per weight per token; frozen weights have no weight gradient)
-                plus the output head's 6 x vocab x hidden x tokens, at this machine's measured matmul
+                plus the output head's 4 x vocab x hidden x tokens (it sits outside the checkpointed
+                blocks: forward and input gradient only), at this machine's measured matmul
                 throughput in the compute dtype, timed in the same run. "x floor" = step time / floor.
 
 The reference: transformers `BitsAndBytesConfig` (NF4, double quant), peft `LoraConfig` (r16,
@@ -340,7 +341,7 @@ def summarise(r: dict, warmup: int, floor_flops: float, vocab_hidden: int, batch
     timed = r["step_s"][warmup:] or r["step_s"]
     step = statistics.median(timed)
     tokens = batch * seq
-    flop = 6 * (r["linear_params"] + vocab_hidden) * tokens
+    flop = (6 * r["linear_params"] + 4 * vocab_hidden) * tokens
     last = r["losses"][-max(1, len(r["losses"]) // 4):]
     return {"tokens_per_s": tokens / step, "step_s": step, "x_floor": step / (flop / floor_flops),
             "train_peak_rss_mib": r["train_peak_rss"] / MIB, "process_peak_rss_mib": r["process_peak_rss"] / MIB,

@@ -2,9 +2,11 @@
 
 With 49k-150k vocabularies, fp32 logits for a batch dominate training memory (batch 4 x seq 2048 x
 128k vocab x 4 bytes = 4 GiB, twice with their gradient). Here the output head and cross-entropy
-run over chunks of positions, each under activation checkpointing, so at most one chunk of logits
-exists at a time, forward or backward. Positions whose label is ignored (prompt tokens, padding)
-are dropped before the head, which also saves their matmul.
+run over chunks of positions, so at most one chunk of logits exists at a time. A frozen head (the
+LoRA case) gets its input gradient computed while each chunk's logits exist, so the head's matmul
+runs twice per step, as in an unchunked loss; a trainable head falls back to checkpointing each
+chunk (three matmuls). Positions whose label is ignored (prompt tokens, padding) are dropped
+before the head, which also saves their matmul.
 """
 
 from __future__ import annotations
@@ -14,6 +16,42 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of token losses through a frozen linear head, chunk by chunk, with the gradient of its
+    input computed in the forward pass while each chunk's logits exist.
+
+    The checkpointed alternative multiplies by the head three times (forward, recomputed forward,
+    input gradient); this does it twice, like an unchunked loss, and keeps one chunk of logits at
+    a time. What it keeps for backward is d(loss)/d(hidden): the size of `hidden` itself."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad is not None:  # softmax - one_hot(y), then through the head
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + chunk_tokens])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return (type(head) is torch.nn.Linear and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad) and not head._forward_hooks
+            and not head._forward_pre_hooks)
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,6 +73,8 @@ def chunked_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     total = hidden.new_zeros((), dtype=torch.float32)
     if n == 0:
         return total + 0.0 * hidden.sum(), 0  # keeps the graph connected
+    if _frozen_linear(head):  # the usual case: LoRA never trains the head
+        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens), n
     for start in range(0, n, chunk_tokens):
         hs, ys = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
         if torch.is_grad_enabled() and hs.requires_grad:

@@ -325,11 +325,14 @@ def _block_backward_transient_per_token(shape: ModelShape, cb: int) -> float:
     return 2 * cb * shape.hidden + 3 * cb * shape.intermediate + 8 * shape.hidden
 
 
-def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
-    """Peak of the chunked head + cross-entropy: one chunk's fp32 logits, log-softmax output and
-    the two fp32 gradients of the backward pass, plus the bf16 logits' gradient (14 bytes per logit)."""
+def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
+    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head): one chunk's fp32
+    logits, turned into softmax - one_hot in place, logsumexp's fp32 scratch, and with a 16-bit
+    compute dtype the head's own output and the probabilities cast back (8 or 12 bytes per logit);
+    plus the input gradient it keeps for backward (the size of the final hidden states)."""
     chunk = min(chunk_tokens, tokens)
-    return 14 * chunk * shape.vocab
+    per_logit = 8 if cb == 4 else 8 + 2 * cb
+    return per_logit * chunk * shape.vocab + cb * tokens * shape.hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +471,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     else:
         kept = shape.layers * (per_block * tokens + cast_weights) + rotary
         block_phase = transient
-    logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens)
+    logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
     loss_peak = final_norm + logits >= block_phase
     activations = int(kept + dequant + (final_norm if loss_peak else block_phase))
     logits = logits if loss_peak else 0
