@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
 from .lora import _set_module, linear_layer_names
+from .memory import return_freed_memory
 from .quant import QuantConfig, QuantLinear, resolve_dtype
 
 
@@ -101,6 +102,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     """
     path = Path(path)
     files = safetensors_files(path)
+    return_freed_memory()  # host RAM: freed weights and activations go back to the system (see memory.py)
     device = torch.device(device)
     dtype = resolve_dtype(dtype if dtype is not None else (quant.compute_dtype if quant else "auto"), device)
     if quant is not None:
