@@ -26,6 +26,10 @@ recipe does. Ours: `load_model` + `add_lora` + `set_gradient_checkpointing` + th
 module and optimiser (the same pieces `qlora_kit.train` runs each step), also torch AdamW here so
 the update rule is identical.
 
+Host memory: qlora_kit's loader fixes glibc's mmap threshold so that freed blocks leave the
+resident set (qlora_kit.memory); the recipe runs with glibc's default unless
+--reference-allocator qlora_kit gives it the same setting, which separates that effect.
+
 Compute dtype: "auto" gives both sides the dtype this device multiplies fastest (bf16 on GPUs and
 CPUs with AVX512-BF16/AMX; fp32 on AVX2-only CPUs, where a bf16 matmul is emulated and >100x
 slower). `--ref-dtype bf16` runs the recipe exactly as usually written (bf16 compute) for
@@ -288,6 +292,9 @@ def child_reference(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
+    if args.reference_allocator == "qlora_kit":
+        from qlora_kit.memory import return_freed_memory
+        return_freed_memory()
     t = time.perf_counter()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
@@ -321,7 +328,8 @@ def child_reference(args) -> dict:
 
 def run_child(side: str, args, data: Path, adapter: Path, folder: Path, dtype: str, profile: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model", str(folder), "--data", str(data),
-           "--adapter", str(adapter), "--dtype", dtype, "--threads", str(args.threads or 0)]
+           "--adapter", str(adapter), "--dtype", dtype, "--threads", str(args.threads or 0),
+           "--reference-allocator", args.reference_allocator]
     if profile:
         cmd += ["--profile-to", str(profile)]
     print(f"running {side} (compute dtype {dtype}) ...", flush=True)
@@ -385,6 +393,9 @@ def main() -> None:
     p.add_argument("--ref-dtype", default="auto", help="the recipe's compute dtype (the usual recipe writes bf16)")
     p.add_argument("--also-ref-bf16", action="store_true",
                    help="also run the recipe with bf16 compute, as usually written (slow on AVX2-only CPUs)")
+    p.add_argument("--reference-allocator", choices=["default", "qlora_kit"], default="default",
+                   help="run the recipe with glibc's default allocator behaviour (as it ships) or with "
+                        "qlora_kit's fixed mmap threshold (qlora_kit.memory), to separate that effect")
     p.add_argument("--loss-rtol", type=float, default=0.02, help="allowed relative difference of the last losses")
     p.add_argument("--profile", action="store_true", help="profile each side's last step (top ops by self time)")
     p.add_argument("--out", type=Path, default=None)
