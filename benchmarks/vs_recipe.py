@@ -424,6 +424,10 @@ def main() -> None:
     vocab_hidden = c.vocab_size * c.hidden_size
     ours_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name(resolve_dtype(args.dtype))]
     ref_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name(resolve_dtype(args.ref_dtype))]
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the probe runs with the children's thread count
     flops = {d: gemm_flops(d) for d in sorted({ours_dtype, ref_dtype, "fp32", "bf16"})}
     print("matmul throughput here: " + ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in flops.items()))
 
