@@ -121,7 +121,7 @@ def make_data(folder: Path, preset: str, steps: int, batch: int, seq: int, out: 
         random.Random(0).shuffle(records)
         ids: list[int] = []
         for r in records:
-            ids += tok.apply_chat_template(r["messages"], tokenize=True)
+            ids += tok(tok.apply_chat_template(r["messages"], tokenize=False))["input_ids"]
             if len(ids) >= steps * batch * seq:
                 break
         ids = (ids * (1 + steps * batch * seq // max(1, len(ids))))[:steps * batch * seq]
