@@ -174,24 +174,9 @@ class QuantizedWeight:
         (a sharded model hands in the gathered one)."""
         bnbf = _bnb()
         data = self.data if data is None else data
-        if self.config.bits == 8:
-            return bnbf.int8_vectorwise_dequant(data, self.row_scale).to(dtype)
-        s = self.state
-        if s.nested and data.device.type == "cpu":
-            # bitsandbytes' CPU kernel for the nested constants costs as much as the 4-bit weights
-            # themselves; the same arithmetic (code[q] * absmax2[block] + offset, in fp32) as tensor ops
-            w = torch.ops.bitsandbytes.dequantize_4bit.default(
-                data, self._absmax(), s.blocksize, s.quant_type, s.shape, s.dtype)
-            return w.to(dtype)
-        return bnbf.dequantize_4bit(data, s).to(dtype)
-
-    def _absmax(self) -> torch.Tensor:
-        """The fp32 block constants of a double-quantised weight."""
-        s = self.state
-        s2 = s.state2
-        q = s.absmax
-        scales = s2.absmax.repeat_interleave(s2.blocksize)[:q.numel()]
-        return s2.code[q.long()] * scales + s.offset
+        if self.config.bits == 4:
+            return bnbf.dequantize_4bit(data, self.state).to(dtype)
+        return bnbf.int8_vectorwise_dequant(data, self.row_scale).to(dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this weight holds (packed data and constants), for memory accounting."""
