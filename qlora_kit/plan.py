@@ -274,7 +274,7 @@ def optimizer_bytes(param_sizes: list[int], optimizer: str) -> int:
 # Activations
 
 
-def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int, device: str) -> float:
+def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
     """Bytes per token that one decoder block keeps for its backward pass (its internals).
 
     Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
@@ -454,7 +454,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     targeted = {name.rsplit(".", 1)[-1] for name, *_ in chosen}
 
     tokens = batch * seq_len
-    per_block = _block_saved_per_token(shape, lora, targeted, cb, device)
+    per_block = _block_saved_per_token(shape, lora, targeted, cb)
     ab = torch.finfo(lora.dtype).bits // 8
     cast_weights = (ab * trainable // shape.layers) if ab != 4 else 0   # adapters cast to bf16 per block
     transient = _block_backward_transient_per_token(shape, cb) * tokens

@@ -118,7 +118,7 @@ def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, 
     measured = (sum(saved.values()) - nbytes([x]) - scaled_b) / (batch * seq)
     targeted = {n.rsplit(".", 1)[-1] for n in lora_layers(model)}
     cb = model.get_input_embeddings().weight.element_size()  # the resolved compute dtype
-    predicted = _block_saved_per_token(resolve_shape(model), model.lora_config, targeted, cb, "cpu")
+    predicted = _block_saved_per_token(resolve_shape(model), model.lora_config, targeted, cb)
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
