@@ -46,13 +46,15 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from export_7b import default_cache
+from plan_accuracy import reset_hwm, vm_hwm, vm_rss
 
 PRESETS = {  # name -> Llama shape (hidden, intermediate, layers, heads, kv heads, vocab)
     "tiny": (256, 688, 2, 4, 4, 32000),
@@ -66,27 +68,13 @@ R, ALPHA, DROPOUT, LR = 16, 32, 0.05, 2e-4
 MIB = 2 ** 20
 
 
-# ------------------------------------------------------------------ shared by parent and children
-
-def vm_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def reset_hwm() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 # ------------------------------------------------------------------ parent: inputs
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit")) / "bench"
-
 
 def model_folder(preset: str) -> Path:
     if preset == "smollm2":
         from qlora_kit.models import smollm2_path
         return smollm2_path()
-    folder = cache_dir() / f"recipe-{preset}"
+    folder = default_cache() / f"recipe-{preset}"
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -216,7 +204,7 @@ def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_hwm()
-    rss_before = vm_kib("VmRSS") * 1024
+    rss_before = vm_rss()
     prof = None
     for step in range(data.shape[0]):
         if profile and step == data.shape[0] - 1:
@@ -236,7 +224,7 @@ def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> di
         times.append(time.perf_counter() - t)
         losses.append(value)
         print(f"  step {step + 1}/{data.shape[0]}: loss {value:.4f}, {times[-1]:.2f} s", file=sys.stderr, flush=True)
-    out = {"step_s": times, "losses": losses, "train_peak_rss": vm_kib("VmHWM") * 1024,
+    out = {"step_s": times, "losses": losses, "train_peak_rss": vm_hwm(),
            "rss_before_train": rss_before, "process_peak_rss": None}
     if cuda:
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
