@@ -53,10 +53,11 @@ class LoraSection:
     dtype: str = "auto"              # adapter matmul dtype; auto = the model's compute dtype
     init: str = "default"            # default | orthogonal | svd (PiSSA) | loftq (needs a quantised base)
     init_iters: int = 1              # LoftQ rounds
+    shared_dropout: bool = True      # q/k/v and gate/up share one dropout mask (false: PEFT's independent masks)
 
     def build(self, seed: int) -> LoraConfig:
         return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed,
-                          self.init, self.init_iters)
+                          self.init, self.init_iters, self.shared_dropout)
 
 
 @dataclass

@@ -59,6 +59,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         check_init(self.init)
+        if not isinstance(self.shared_dropout, bool):
+            raise QLoraKitError(f"shared_dropout={self.shared_dropout!r} must be true or false")
         if not isinstance(self.init_iters, int) or self.init_iters < 1:
             raise QLoraKitError(f"init_iters={self.init_iters!r} must be a positive integer (LoftQ rounds, 1-5)")
         if not isinstance(self.r, int) or self.r <= 0:

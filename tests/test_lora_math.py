@@ -142,3 +142,14 @@ def test_fused_forward_matches_unfused_formula(tiny_dirs):
     with torch.no_grad():
         expected = layer.base_layer(x) + layer.scale * F.linear(F.linear(x, layer.lora_A.weight), layer.lora_B.weight)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_dropout_is_a_config_key_and_checked():
+    from qlora_kit import QLoraKitError
+    from qlora_kit.config import config_from_dict
+
+    config = config_from_dict({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
+                               "lora": {"shared_dropout": False}})
+    assert config.lora.build(seed=0).shared_dropout is False
+    with pytest.raises(QLoraKitError, match="shared_dropout"):
+        LoraConfig(shared_dropout="yes")
