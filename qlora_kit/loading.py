@@ -2,9 +2,10 @@
 
 The model is built on the meta device (no memory), then each tensor is read from the safetensors
 shards one at a time (memory-mapped): decoder linear weights are quantised straight away on the
-target device, everything else (embeddings, norms, lm_head) is cast to the compute dtype. The
-full-precision model never exists in memory, so peak memory stays near the quantised size plus
-one tensor. Nothing is unpickled; remote code runs only when asked for.
+target device, everything else (embeddings, norms, lm_head) is copied in the compute dtype. The
+full-precision model never exists in memory, and no tensor the model keeps views a shard, so only
+one shard is mapped at a time: peak memory stays near the quantised size plus one shard's pages and
+one tensor's temporaries. Nothing is unpickled; remote code runs only when asked for.
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     pending_bias: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
-    total = _count_tensors(files)
-    for key, tensor in tqdm(iter_safetensors(files), total=total, desc="loading", unit="tensor",
-                            disable=not progress, leave=False):
+    bar = tqdm(total=_count_tensors(files), desc="loading", unit="tensor", disable=not progress, leave=False)
+    for key, tensor in iter_safetensors(files):
+        # `tensor` views its shard's memory map. While any view lives, the whole shard stays mapped,
+        # with every page read from it resident: the model keeps copies only (_owned), and the view
+        # is dropped before the next one is read, so the next shard never opens beside this one.
         owner, _, leaf = key.rpartition(".")
         if owner in quantised and leaf == "weight":
             _check_shape(key, tensor, model.get_submodule(owner).weight)
@@ -129,16 +132,19 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
             layer = QuantLinear.from_weight(tensor.to(dtype), quant, bias, device)
             _set_module(model, owner, layer)
             quantised.discard(owner)
+            seen.add(key)
         elif key in expected:
+            value = _owned(tensor, device, dtype if tensor.is_floating_point() else None)
             if owner in quantised and leaf == "bias":
-                pending_bias[owner] = tensor.to(device=device, dtype=dtype)
+                pending_bias[owner] = value
             else:
-                _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+                _assign(model, key, value)
+            seen.add(key)
         else:
             unexpected.append(key)
-            continue
-        seen.add(key)
         del tensor
+        bar.update()
+    bar.close()
 
     missing = sorted(expected - seen - set(tied))
     if missing:
@@ -184,6 +190,16 @@ def _count_tensors(files: list[Path]) -> int:
         with open_safetensors(f) as handle:
             total += len(handle.keys())
     return total
+
+
+def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`, in memory of its own.
+
+    A plain `.to()` returns its input when device and dtype already match, and a tensor read from a
+    shard is a view into that shard's memory map: one such view kept by the model (a bf16 norm under
+    bf16 compute) kept the whole shard mapped, and on a Llama-2-7B-shaped checkpoint a bf16 load
+    ended with 12.2 GiB of checkpoint pages resident beside 3.4 GiB of model."""
+    return tensor.to(device=device, dtype=dtype, copy=True)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -1,9 +1,12 @@
 """load_model: streaming quantised loading, frozen base, clear errors."""
 
+import gc
 import json
 import shutil
+import sys
 
 import pytest
+import safetensors
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -113,3 +116,87 @@ def test_remote_code_off_by_default(tiny_dir, tmp_path):
     (bad / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(QLoraKitError):
         load_model(bad, progress=False)
+
+
+# ---------------------------------------------------------------- nothing kept maps the checkpoint
+
+SHARD = 4 * 10**6  # bytes; every shard a few MB, so one shard's pages stand out from RSS noise
+
+
+@pytest.fixture(scope="module")
+def sharded_dirs(tmp_path_factory):
+    """A qwen2-shaped model (q/k/v biases, norms, embeddings, untied head) of about 13M weights, saved
+    in shards of at most SHARD bytes, once in bf16 and once in fp32."""
+    from tiny import make_config
+
+    root = tmp_path_factory.mktemp("sharded")
+    config = make_config("qwen2", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        folder = root / str(dtype).removeprefix("torch.")
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD)
+        out[dtype] = folder.resolve()
+    return out
+
+
+def mapped_files(folder) -> set[str]:
+    """The files of `folder` that this process has memory-mapped now."""
+    prefix = str(folder) + "/"
+    with open("/proc/self/maps") as f:
+        fields = [line.split(maxsplit=5) for line in f]
+    return {x[5].strip() for x in fields if len(x) == 6 and x[5].startswith(prefix)}
+
+
+def rss_file() -> int:
+    """Bytes of file-backed pages mapped into this process (not the page cache: a page read through a
+    mapping counts here only while the mapping lives)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps and /proc/self/status")
+@pytest.mark.parametrize("checkpoint", [torch.bfloat16, torch.float32], ids=["bf16-ckpt", "fp32-ckpt"])
+@pytest.mark.parametrize("quant, dtype", [
+    (QuantConfig(compute_dtype=torch.bfloat16), None),
+    (QuantConfig(compute_dtype=torch.float32), None),
+    (QuantConfig(bits=8, compute_dtype=torch.bfloat16), None),
+    (None, torch.bfloat16),
+], ids=["nf4-bf16", "nf4-fp32", "int8-bf16", "unquantised-bf16"])
+def test_loaded_model_keeps_no_view_of_the_checkpoint(sharded_dirs, monkeypatch, checkpoint, quant, dtype):
+    """safetensors maps a whole shard, and one tensor viewing it keeps all of it mapped, with every page
+    read from it resident. After a load no checkpoint file may be mapped and RssFile must not have grown
+    by a shard, whatever the dtypes (a cast to the dtype a tensor already has is no copy: a bf16 norm
+    under bf16 compute); while loading, no shard may be opened with another still mapped."""
+    folder = sharded_dirs[checkpoint]
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) >= 4 and max(f.stat().st_size for f in shards) <= SHARD
+    kwargs = dict(quant=quant, dtype=dtype, load_tokenizer=False, progress=True)  # the bar too holds no tensor
+
+    warm, _ = load_model(folder, **kwargs)  # first use pages in library code, which would count as RssFile
+    del warm
+    gc.collect()
+    before = rss_file()
+
+    mapped_at_open = []
+    real_open = safetensors.safe_open  # the loader opens every shard through it, one after another
+
+    def watched_open(*args, **kw):
+        mapped_at_open.append(mapped_files(folder))
+        return real_open(*args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors, "safe_open", watched_open)
+        model, _ = load_model(folder, **kwargs)
+
+    assert len(mapped_at_open) >= 2 * len(shards)  # headers counted, then tensors read
+    assert all(m == set() for m in mapped_at_open), "a shard was opened while another was still mapped"
+    assert mapped_files(folder) == set()  # no reference cycle to wait for either: no gc.collect() here
+    grown = rss_file() - before
+    assert grown < max(f.stat().st_size for f in shards), f"RssFile grew by {grown / 2**20:.1f} MiB"
+    want = dtype or quant.compute_dtype
+    assert all(p.dtype == want for p in model.parameters() if p.is_floating_point())
+    ids = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
