@@ -34,7 +34,7 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -82,13 +82,17 @@ def parse_size(value: int | str) -> int:
 def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | torch.dtype = "bf16",
                   merge_into: str = "dequantized", max_shard_size: int | str = "2GB", overwrite: bool = False,
                   verify: bool = True, quant: QuantConfig | None = None, progress: bool = True,
-                  on_shard: Callable[[int, int, Path], None] | None = None) -> dict:
+                  on_shard: Callable[[int, int, Path], None] | None = None,
+                  compute_dtype: str | torch.dtype | None = None) -> dict:
     """Merge `adapter` into the base model folder `base` and write a Hugging Face folder at `out`.
 
     dtype: bf16, fp16 or fp32 for the written weights (the merge itself is always fp32).
     merge_into: "dequantized" (the quantised base the adapter was trained on; default) or "original".
     quant: the base's quantisation, when the adapter's own metadata should not be used (PEFT adapters
-        carry none; then NF4 + double quant, blocksize 64, bf16 compute, bitsandbytes' usual setup, is assumed).
+        carry none; then NF4 + double quant, blocksize 64, bitsandbytes' usual setup, is assumed).
+    compute_dtype: the dtype the base's weights were cast to before quantising (qlora_kit: its compute
+        dtype). Default: the adapter's record; for adapters without one the checkpoint's stored dtype,
+        as transformers loads it. Never this machine's 'auto', so every machine writes the same bytes.
     verify: reload the export with transformers (no missing or unexpected keys) and compare its logits
         with the adapter running on the quantised base; needs the model in fp32 in memory once.
     on_shard: called as on_shard(index, count, path) after each shard is written.
@@ -101,7 +105,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         raise QLoraKitError(f"export dtype {dtype_name(dtype)} is not supported: use bf16, fp16 or fp32")
     shard_limit = parse_size(max_shard_size)
     out = Path(out)
-    job = prepare_merge(base, adapter, merge_into, quant)
+    job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
     if out.exists() and not overwrite:
         raise QLoraKitError(f"{out} already exists: choose another folder or pass overwrite (--overwrite)")
     base, adapter, files, plan = job.base, job.adapter, job.files, job.plan
@@ -184,7 +188,7 @@ class MergeJob:
 
 
 def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequantized",
-                  quant: QuantConfig | None = None) -> MergeJob:
+                  quant: QuantConfig | None = None, compute_dtype: str | torch.dtype | None = None) -> MergeJob:
     """Read headers and the adapter, check they fit, and settle the merge base; no weights are read."""
     if merge_into not in MERGE_BASES:
         raise QLoraKitError(f"merge_into={merge_into!r}: use 'dequantized' (the base the adapter was "
@@ -192,28 +196,51 @@ def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequ
     base, adapter = resolve_model_path(base), Path(adapter)
     files = safetensors_files(base)
     lora, adapter_tensors, raw = read_adapter(adapter)
-    quant, quant_source = _merge_quant(raw, quant)
     plan = _plan(files)
+    quantised = _quantised_keys(base)
+    quant, quant_source = _merge_quant(raw, quant, compute_dtype, _stored_dtype(plan, quantised))
+    if quant is None:
+        quantised = set()
     pairs = _pair_adapter(adapter_tensors, plan, adapter)
-    quantised = _quantised_keys(base) if quant is not None else set()
     states = {module + ".weight": state for module, state in read_init(adapter).items()}
     return MergeJob(base, adapter, files, plan, lora, pairs, quant, quant_source,
                     merge_into if quant is not None else "original", merge_into, quantised, states)
 
 
-def _merge_quant(raw: dict, override: QuantConfig | None) -> tuple[QuantConfig | None, str]:
-    """The quantisation the adapter was trained on, and where that knowledge came from."""
-    # An 'auto' compute dtype is what this machine's loader would pick: the model being reproduced
-    # is the one that loads here.
-    if override is not None:
-        return override.resolved("cpu"), "argument"
+def _merge_quant(raw: dict, override: QuantConfig | None, compute_dtype: str | torch.dtype | None,
+                 stored: torch.dtype) -> tuple[QuantConfig | None, str]:
+    """The quantisation the adapter was trained on, and where that knowledge came from.
+
+    Never this machine's 'auto': the dtype a weight was cast to before quantising decides the base's
+    bits, and an export must not depend on which machine runs it. In order: `compute_dtype` (the
+    caller's word), the adapter's record, else the checkpoint's stored dtype, which is what a
+    transformers BitsAndBytesConfig load quantises from (its dtype defaults to 'auto', the checkpoint's)."""
     ours = raw.get("qlora_kit")
-    if ours is None or "quant" not in ours:
-        return QuantConfig().resolved("cpu"), ("assumed (adapter has no qlora_kit metadata; NF4 + double quant, "
-                                               "blocksize 64, this machine's compute dtype)")
-    if ours["quant"] is None:
+    if override is not None:
+        quant, source = override, "argument"
+    elif ours is None or "quant" not in ours:
+        quant, source = QuantConfig(), "assumed (adapter has no qlora_kit metadata): NF4 + double quant, blocksize 64"
+    elif ours["quant"] is None:
         return None, "adapter trained on an unquantised base"
-    return QuantConfig(**ours["quant"]).resolved("cpu"), "adapter"
+    else:
+        quant, source = QuantConfig(**ours["quant"]), "adapter"
+    if compute_dtype is not None and compute_dtype != "auto":
+        dtype = as_dtype(compute_dtype, "compute dtype")
+        return replace(quant, compute_dtype=dtype), f"{source}; quantised from {dtype_name(dtype)} (compute dtype argument)"
+    if quant.compute_dtype == "auto":
+        return (replace(quant, compute_dtype=stored),
+                f"{source}; quantised from the checkpoint's stored dtype {dtype_name(stored)}, as a transformers "
+                "BitsAndBytesConfig load does (pass --compute-dtype if the base was loaded in another dtype)")
+    return quant, source
+
+
+def _stored_dtype(plan, quantised: set[str]) -> torch.dtype:
+    """The dtype the checkpoint stores its quantisable weights in (the most common one)."""
+    counts: dict[torch.dtype, int] = {}
+    for key, _, dt in plan:
+        if key in quantised and dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _plan(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -49,12 +49,13 @@ TOKENIZER_CHECKS = ["Hello, world! How are you today?", "  two spaces, tabs\tand
 
 def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str = "f16",
                 merge_into: str = "dequantized", overwrite: bool = False, verify: bool = True,
-                quant: QuantConfig | None = None, progress: bool = True) -> dict:
+                quant: QuantConfig | None = None, progress: bool = True,
+                compute_dtype: str | torch.dtype | None = None) -> dict:
     """Merge `adapter` into the base model folder `base` and write one GGUF file at `out`.
 
     gguf_type: f16 (llama.cpp's default), bf16, or q8_0 (8-bit blocks of 32, half the size of f16);
         norms and biases stay f32, and a q8_0 matrix whose rows are not a multiple of 32 is written f16.
-    merge_into, quant: as for `export_merged`.
+    merge_into, quant, compute_dtype: as for `export_merged`.
     verify: load the file with transformers (`gguf_file=`), compare its logits with the adapter on
         the quantised base (fp32), and check its tokenizer encodes a few strings to the same ids as
         the base folder's.
@@ -76,7 +77,7 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     if out.exists() and not overwrite:
         raise QLoraKitError(f"{out} already exists: choose another name or pass overwrite (--overwrite)")
     config = _read_config(resolve_model_path(base))
-    job = prepare_merge(base, adapter, merge_into, quant)
+    job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
     arch = ARCHITECTURES[config["model_type"]]
     tokenizer = _tokenizer_metadata(job.base, config["vocab_size"])
     layout = _layout(job.plan, config, gguf_type)

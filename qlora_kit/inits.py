@@ -198,18 +198,24 @@ def set_factors(layer, a: torch.Tensor, b: torch.Tensor | None) -> None:
 def rebuild_base(layer, weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.Tensor) -> None:
     """Make the layer's frozen base quant(W - scale * B_off @ A_off) (or unquantised, if the base is)."""
     base = layer.base_layer
-    dtype = base.compute_dtype if isinstance(base, QuantLinear) else base.weight.dtype
-    res = residual(weight, a_off, b_off, layer.scale, dtype)
     if isinstance(base, QuantLinear):
-        _replace_base(layer, QuantizedWeight(res, base.qweight.config))
+        # quantised from the dtype the loader quantised W from (the config's compute dtype), whatever
+        # dtype this layer now computes in: the export's fp32 reference rebuilds the same base
+        config = base.qweight.config
+        _replace_base(layer, QuantizedWeight(residual(weight, a_off, b_off, layer.scale, config.compute_dtype), config))
     else:
         with torch.no_grad():
-            base.weight.copy_(res)
+            base.weight.copy_(residual(weight, a_off, b_off, layer.scale, base.weight.dtype))
 
 
 def _replace_base(layer, qweight: QuantizedWeight) -> None:
+    """A new quantised base that computes (and keeps its bias) in the old one's dtype."""
     old = layer.base_layer
-    layer.base_layer = QuantLinear(qweight, None if old.bias is None else old.bias.detach())
+    new = QuantLinear(qweight, None if old.bias is None else old.bias.detach())
+    new.compute_dtype = old.compute_dtype
+    if new.bias is not None:
+        new.bias = torch.nn.Parameter(old.bias.detach().to(old.compute_dtype), requires_grad=False)
+    layer.base_layer = new
 
 
 def init_tensors(layers: dict) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ backward pass, so activation memory holds inputs only, as a normal frozen layer 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -63,6 +64,11 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively; QLORA_KIT_CPU_BF16=1 or 0 overrides the probe (to run
+    or measure the other dtype path on any machine)."""
+    forced = os.environ.get("QLORA_KIT_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

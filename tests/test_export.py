@@ -18,8 +18,10 @@ from qlora_kit import (LoraConfig, QLoraKitError, QuantConfig, add_lora, export_
                        merged_state_dict, save_adapter)
 from qlora_kit.cli import main as cli_main
 from qlora_kit.lora import lora_delta
+from tiny import make_model_dir
+from transformers import AutoModelForCausalLM
 
-Q4 = QuantConfig()
+Q4 = QuantConfig(compute_dtype=torch.float32)
 FAST = dict(progress=False, verify=False)
 
 
@@ -46,12 +48,15 @@ def ids(vocab=320):
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-tied"])
-def test_dequantized_fp32_matches_quantised_model_with_adapter(tiny_dirs, tmp_path, arch):
+def test_dequantized_fp32_matches_quantised_model_with_adapter(tiny_dirs, tmp_path, arch, bits, dtype):
     base = tiny_dirs(arch)
-    trained_adapter(base, tmp_path / "a")
+    trained_adapter(base, tmp_path / "a", quant=QuantConfig(bits=bits, compute_dtype=dtype))
     report = export_merged(base, tmp_path / "a", tmp_path / "out", dtype="fp32", progress=False)
+    assert report["quant"]["compute_dtype"] == str(dtype).removeprefix("torch.") and report["quant_source"] == "adapter"
     v = report["verify"]
+    # the reference computes the trained weights in fp32: only fp32 rounding separates it from the export
     assert v["missing_keys"] == [] and v["unexpected_keys"] == []
     assert v["logit_rel_error"]["dequantized"] < 1e-4
     # the original weights miss the quantisation error the adapter was trained around: side by side
@@ -70,9 +75,13 @@ def test_bf16_export_within_bf16_rounding(tiny_dir, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in exported(tmp_path / "out").values())
 
 
-@pytest.mark.parametrize("quant,dtype", [(Q4, torch.float32), (Q4, torch.bfloat16), (QuantConfig(bits=8), torch.float32),
-                                         (QuantConfig(quant_type="fp4", double_quant=False, compute_dtype="fp16"),
-                                          torch.float16)], ids=["nf4-fp32", "nf4-bf16", "int8-fp32", "fp4-fp16"])
+@pytest.mark.parametrize("quant,dtype", [
+    (Q4, torch.float32), (QuantConfig(compute_dtype="bf16"), torch.float32), (Q4, torch.bfloat16),
+    (QuantConfig(compute_dtype="bf16"), torch.bfloat16), (QuantConfig(bits=8, compute_dtype="fp32"), torch.float32),
+    (QuantConfig(bits=8, compute_dtype="bf16"), torch.bfloat16),
+    (QuantConfig(quant_type="fp4", double_quant=False, compute_dtype="fp16"), torch.float16)],
+    ids=["nf4/fp32-to-fp32", "nf4/bf16-to-fp32", "nf4/fp32-to-bf16", "nf4/bf16-to-bf16", "int8/fp32-to-fp32",
+         "int8/bf16-to-bf16", "fp4/fp16-to-fp16"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama-tied"])
 def test_streaming_export_equals_in_memory_merge(tiny_dirs, tmp_path, arch, quant, dtype):
     base = tiny_dirs(arch)
@@ -126,6 +135,93 @@ def test_peft_trained_adapter_exports_the_same_way(tiny_dir, tmp_path):
         theirs = peft_model.merge_and_unload().state_dict()
     for key, t in exported(tmp_path / "out").items():
         torch.testing.assert_close(t, theirs[key], rtol=1e-6, atol=1e-6)
+
+
+def peft_on_transformers_4bit(folder, out, compute_dtype):
+    """Train a PEFT adapter on transformers' own 4-bit model (BitsAndBytesConfig, default dtype: the
+    checkpoint's) and save it; returns that model. bitsandbytes' CPU repack (FACTS: an eval-mode forward
+    on AVX512-BF16 rewrites the weight) is switched off so the model means the same on every CPU."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        x = ids()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    return model
+
+
+def fp32_logits_of(peft_model) -> torch.Tensor:
+    """The trained 4-bit model's logits with every op in fp32: the same packed weights, dequantised by
+    bitsandbytes and multiplied in fp32 (its fused CPU kernel rounds about 1e-3 per layer for weights
+    quantised from bf16), so a comparison with an fp32 export measures the export alone."""
+    import bitsandbytes as bnb
+
+    peft_model.float()  # embeddings, norms: their stored values, in fp32; the packed 4-bit data is untouched
+    for name, m in list(peft_model.named_modules()):
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+            plain = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            plain.weight.data = w
+            if m.bias is not None:
+                plain.bias.data = m.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(peft_model.get_submodule(parent), child, plain)
+    with torch.no_grad():
+        return peft_model(ids()).logits.float()
+
+
+@pytest.mark.parametrize("peft_dtype", ["fp32", "bf16"])
+def test_peft_adapter_from_a_transformers_4bit_model_exports_that_model(tiny_dirs, tmp_path, peft_dtype):
+    """A PEFT adapter carries no record of its base's dtype: the export quantises from the checkpoint's
+    stored dtype, as transformers did, and never asks this machine (the suite refuses 'auto' here)."""
+    from conftest import DTYPES
+
+    compute = DTYPES[peft_dtype]
+    folder = make_model_dir(tmp_path / "base", dtype=compute)  # a checkpoint stored in the run's dtype
+    peft_model = peft_on_transformers_4bit(folder, tmp_path / "peft", compute)
+    report = export_merged(folder, tmp_path / "peft", tmp_path / "out", dtype="fp32", progress=False)
+    assert report["quant"]["compute_dtype"] == str(compute).removeprefix("torch.")
+    assert "stored dtype" in report["quant_source"] and "stored dtype" in (tmp_path / "out" / "report.txt").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = merged(ids()).logits
+    reference = fp32_logits_of(peft_model)
+    error = float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+    assert error < 2e-3, error
+
+
+def test_peft_export_is_the_same_bytes_on_every_machine(tiny_dir, tmp_path, fake_cpu):
+    import hashlib
+
+    peft_on_transformers_4bit(tiny_dir, tmp_path / "peft", torch.bfloat16)
+
+    def digest(out, **kwargs):
+        export_merged(tiny_dir, tmp_path / "peft", tmp_path / out, dtype="fp32", **FAST, **kwargs)
+        return hashlib.sha256((tmp_path / out / "model.safetensors").read_bytes()).hexdigest()
+
+    fake_cpu(True)
+    on_bf16_cpu = digest("bf16-cpu")
+    fake_cpu(False)
+    assert digest("fp32-cpu") == on_bf16_cpu
+    # the dtype the base was quantised from is the argument's when given, the same on every machine too
+    forced = digest("forced-fp32", compute_dtype="fp32")
+    fake_cpu(True)
+    assert digest("forced-fp32-again", compute_dtype="fp32") == forced != on_bf16_cpu
 
 
 def test_folder_layout_config_and_side_files(tiny_dir, tmp_path):

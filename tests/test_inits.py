@@ -13,15 +13,17 @@ from qlora_kit.inits import INIT_FILE, INITS, top_singular
 from qlora_kit.lora import lora_delta
 from qlora_kit.quant import roundtrip
 
-Q4 = QuantConfig()
+FP32 = torch.float32
 
 
 def ids(vocab=320):
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def load(base, quant=Q4):
-    return load_model(base, quant=quant, load_tokenizer=False, progress=False)[0]
+def load(base, dtype=FP32, bits=4):
+    """The tiny model with `bits`-bit linear weights (None: unquantised), computing in `dtype`."""
+    quant = None if bits is None else QuantConfig(bits=bits, compute_dtype=dtype)
+    return load_model(base, quant=quant, dtype=dtype, load_tokenizer=False, progress=False)[0]
 
 
 def logits(model, x=None):
@@ -47,9 +49,13 @@ def train_steps(model, steps=3):
     return loss.item()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("init", INITS)
-def test_each_init_trains_saves_loads_and_exports(tiny_dir, tmp_path, init):
-    model = load(tiny_dir)
+def test_each_init_trains_saves_loads_and_exports(tiny_dir, tmp_path, init, bits, dtype):
+    if init == "loftq" and bits == 8:
+        pytest.skip("covered by the 4-bit case; LoftQ on int8 is the same code path")
+    model = load(tiny_dir, dtype, bits)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()} == {dtype}
     add_lora(model, LoraConfig(r=4, dropout=0.0, init=init, seed=7))
     layer = next(iter(lora_layers(model).values()))
     base_before = layer.base_weight().clone()
@@ -59,12 +65,14 @@ def test_each_init_trains_saves_loads_and_exports(tiny_dir, tmp_path, init):
     save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / INIT_FILE).is_file() == (init in ("svd", "loftq"))
 
-    fresh = load(tiny_dir)
+    fresh = load(tiny_dir, dtype, bits)
     load_adapter(fresh, tmp_path / "a")
     assert torch.equal(logits(fresh), trained)  # the base is rebuilt bit for bit
 
     report = export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", dtype="fp32", progress=False)
     assert report["lora"]["init"] == init
+    assert report["quant"]["compute_dtype"] == str(dtype).removeprefix("torch.")
+    # the reference runs the trained weights in fp32, so only fp32 rounding separates it from the export
     assert report["verify"]["logit_rel_error"]["dequantized"] < 1e-4
 
 
@@ -89,17 +97,21 @@ def test_inits_are_deterministic_given_a_seed(tiny_dir):
     assert not torch.equal(factors("orthogonal", 1)[0], factors("orthogonal", 2)[0])
 
 
-def test_svd_factors_are_the_top_singular_triplets_and_the_base_is_the_residual(tiny_dir):
-    model = add_lora(load(tiny_dir, quant=None), LoraConfig(r=4, alpha=8, dropout=0.0, init="svd"))
+def test_svd_factors_are_the_top_singular_triplets_and_the_base_is_the_residual(tiny_dir, dtype):
+    model = add_lora(load(tiny_dir, dtype, bits=None), LoraConfig(r=4, alpha=8, dropout=0.0, init="svd"))
     layer = lora_layers(model)["model.layers.0.mlp.down_proj"]
     w = load_file(str(tiny_dir / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"].float()
     s = torch.linalg.svdvals(w)
     got = torch.linalg.svdvals(layer.delta_weight().detach())[:4]
     # a random matrix has a flat spectrum, the hardest case for the randomised SVD: within 1%
     assert torch.allclose(got, s[:4], rtol=1e-2)
-    assert torch.allclose(layer.base_weight() + layer.delta_weight().detach(), w, atol=1e-5)
-    # unquantised: the model is unchanged at step 0
-    assert rel(logits(model), logits(load(tiny_dir, quant=None))) < 1e-5
+    # the residual is stored in the compute dtype: rounding it costs at most half an ulp of its largest entry
+    residual = w - layer.delta_weight().detach()
+    atol = 1e-6 + torch.finfo(dtype).eps / 2 * float(residual.abs().max())
+    assert torch.allclose(layer.base_weight() + layer.delta_weight().detach(), w, atol=atol)
+    # unquantised: the model is unchanged at step 0, up to that rounding (fp32: 1e-5; bf16: a few ulps)
+    tol = 1e-5 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
+    assert rel(logits(model), logits(load(tiny_dir, dtype, bits=None))) < tol
 
 
 def test_randomised_svd_matches_exact_on_a_decaying_spectrum():
@@ -113,7 +125,7 @@ def test_randomised_svd_matches_exact_on_a_decaying_spectrum():
 
 
 def test_loftq_starts_closer_to_the_full_precision_model_than_default(tiny_dir):
-    full = logits(load(tiny_dir, quant=None))
+    full = logits(load(tiny_dir, bits=None))
     errors = {}
     for init in ("default", "loftq"):
         model = add_lora(load(tiny_dir), LoraConfig(r=8, dropout=0.0, init=init))
@@ -122,18 +134,18 @@ def test_loftq_starts_closer_to_the_full_precision_model_than_default(tiny_dir):
     # per layer: quant(W) + scale*B@A is nearer W than quant(W)
     layer = lora_layers(model)["model.layers.1.mlp.up_proj"]
     w = load_file(str(tiny_dir / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"].float()
-    assert torch.dist(layer.base_weight() + layer.delta_weight(), w) < torch.dist(roundtrip(w, Q4.resolved()), w)
+    assert torch.dist(layer.base_weight() + layer.delta_weight(), w) < torch.dist(roundtrip(w, QuantConfig(compute_dtype=FP32)), w)
 
 
-def test_loftq_rounds_are_recorded_and_rebuilt(tiny_dir, tmp_path):
-    model = add_lora(load(tiny_dir), LoraConfig(r=4, dropout=0.0, init="loftq", init_iters=3))
+def test_loftq_rounds_are_recorded_and_rebuilt(tiny_dir, tmp_path, dtype):
+    model = add_lora(load(tiny_dir, dtype), LoraConfig(r=4, dropout=0.0, init="loftq", init_iters=3))
     train_steps(model, 1)
     save_adapter(model, tmp_path / "a")
     raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert raw["qlora_kit"]["init"]["name"] == "loftq" and raw["qlora_kit"]["init"]["iters"] == 3
     flat = load_file(str(tmp_path / "a" / INIT_FILE))
     assert any(k.startswith("initial.") for k in flat) and any(k.startswith("offset.") for k in flat)
-    fresh = load(tiny_dir)
+    fresh = load(tiny_dir, dtype)
     load_adapter(fresh, tmp_path / "a")
     assert torch.equal(logits(fresh), logits(model))
 
@@ -153,7 +165,7 @@ def test_svd_original_merge_is_w_plus_what_training_changed(tiny_dir, tmp_path):
 
 
 def test_svd_on_an_unquantised_base_exports_exactly(tiny_dir, tmp_path):
-    model = add_lora(load(tiny_dir, quant=None), LoraConfig(r=4, dropout=0.0, init="svd"))
+    model = add_lora(load(tiny_dir, bits=None), LoraConfig(r=4, dropout=0.0, init="svd"))
     train_steps(model, 2)
     save_adapter(model, tmp_path / "a")
     report = export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", dtype="fp32", progress=False)
@@ -165,7 +177,7 @@ def test_plain_lora_conversion_loads_in_peft_on_the_original_model(tiny_dir, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = add_lora(load(tiny_dir, quant=None), LoraConfig(r=4, dropout=0.0, init="svd"))
+    model = add_lora(load(tiny_dir, bits=None), LoraConfig(r=4, dropout=0.0, init="svd"))
     train_steps(model, 2)
     save_adapter(model, tmp_path / "a")
     to_plain_lora(tmp_path / "a", tmp_path / "plain")
@@ -193,7 +205,7 @@ def test_unknown_init_lists_the_valid_ones():
 
 def test_loftq_on_an_unquantised_base_is_refused(tiny_dir):
     with pytest.raises(QLoraKitError, match="not quantised.*QuantConfig"):
-        add_lora(load(tiny_dir, quant=None), LoraConfig(init="loftq"))
+        add_lora(load(tiny_dir, bits=None), LoraConfig(init="loftq"))
 
 
 def test_svd_rank_above_layer_size_is_refused(tiny_dir):
@@ -206,7 +218,7 @@ def test_changed_base_needs_its_folder_and_quantisation(tiny_dir, tmp_path):
     model = add_lora(load(tiny_dir), LoraConfig(r=4, init="svd"))
     save_adapter(model, tmp_path / "a")
     with pytest.raises(QLoraKitError, match="quantised as"):
-        load_adapter(load(tiny_dir, quant=QuantConfig(bits=8)), tmp_path / "a")
+        load_adapter(load(tiny_dir, bits=8), tmp_path / "a")
     orphan = load(tiny_dir)
     del orphan.source_path
     with pytest.raises(QLoraKitError, match="load_model"):

@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--gguf-type", default="f16", help="GGUF weight type: f16 (default), bf16 or q8_0")
     p.add_argument("--merge-into", default="dequantized", choices=["dequantized", "original"],
                    help="dequantized: the quantised base the adapter was trained on (default); original: the base's own weights")
+    p.add_argument("--compute-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype the base was cast to before it was quantised in training (default: the adapter's "
+                        "record; for a PEFT adapter, the checkpoint's stored dtype, as transformers loads it)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, like 2GB, 500MB or 4GiB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -31,7 +34,8 @@ def run(args) -> int:
         if args.dtype is not None:
             raise QLoraKitError("--dtype sets safetensors weights; for GGUF choose --gguf-type f16, bf16 or q8_0")
         report = export_gguf(args.base, args.adapter, args.out, gguf_type=args.gguf_type, merge_into=args.merge_into,
-                             overwrite=args.overwrite, verify=args.verify)
+                             overwrite=args.overwrite, verify=args.verify,
+                             compute_dtype=args.compute_dtype)
         print(format_gguf_report(report), end="")
         print(f"wrote {args.out}")
         return 0
@@ -39,7 +43,8 @@ def run(args) -> int:
     from ..export import export_merged, format_report
 
     report = export_merged(args.base, args.adapter, args.out, dtype=args.dtype or "bf16", merge_into=args.merge_into,
-                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify)
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify,
+                           compute_dtype=args.compute_dtype)
     print(format_report(report), end="")
     print(f"wrote {args.out} (report in {args.out}/report.json)")
     return 0
