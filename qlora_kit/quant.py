@@ -173,7 +173,9 @@ class QuantizedWeight:
         if config.bits == 4:
             self.data, self.state = _quantize_4bit(weight.contiguous(), config)
         else:
-            self.data, self.row_scale, _ = bnbf.int8_vectorwise_quant(weight.contiguous())
+            # LLM.int8 quantises from fp16 (bitsandbytes' CUDA kernel accepts nothing else, and its
+            # Int8Params casts to fp16 first): do the same on every device, so CPU and GPU store the same rows
+            self.data, self.row_scale, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, data: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as the model sees it. `data` replaces the packed tensor this object was built with

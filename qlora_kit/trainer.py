@@ -22,6 +22,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,11 +70,64 @@ class TrainResult:
     wall_s: float = 0.0
 
 
+MAX_SKIPPED_IN_A_ROW = 25  # fp16: from the initial scale 2^16 this is a scale below 2^-9, far past any overflow
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute (torch.amp.GradScaler), and the count of skipped steps.
+
+    fp16 keeps 5 exponent bits: gradients below 6e-8 flush to zero, and one large activation
+    gradient overflows. The scaler multiplies the loss by 2^16 before the backward pass, unscales
+    the gradients before clipping, and skips the optimiser step when any of them is inf/NaN,
+    halving the scale; after 2000 clean steps it doubles it. bf16 and fp32 have fp32's exponent
+    range and need none of this: the scaler is then a no-op."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+        self.skipped = 0          # steps skipped in this run, resumed part included
+        self.skipped_in_a_row = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale(self, optimizer) -> None:
+        if self.enabled:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> bool:
+        """Step unless the gradients overflowed; True when the step was taken."""
+        if not self.enabled:
+            optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        taken = self.scaler.get_scale() >= before
+        self.skipped_in_a_row = 0 if taken else self.skipped_in_a_row + 1
+        self.skipped += not taken
+        return taken
+
+    @property
+    def scale_value(self) -> float:
+        return self.scaler.get_scale()
+
+    def state_dict(self) -> dict:
+        return {**self.scaler.state_dict(), "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict | None, where: Path) -> None:
+        if state is None:
+            raise QLoraKitError(f"checkpoint {where} holds no loss scale: it was written by a bf16/fp32 run, and "
+                                "this run computes in fp16; resume it with the compute dtype it was trained with")
+        state = dict(state)
+        self.skipped, self.skipped_in_a_row = state.pop("skipped", 0), state.pop("skipped_in_a_row", 0)
+        self.scaler.load_state_dict(state)
+
+
 def build_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb
-    import warnings
 
     # On CPU the paged optimiser falls back to ordinary memory and says so at every first step.
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
@@ -147,13 +201,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, adapter: dict, optim_state: dict, scheduler, keep_last: int,
-                    rng_states: list[dict]) -> Path:
-    """Write checkpoints/step-N atomically: adapter, optimiser, scheduler, step, one RNG state per process."""
+                    rng_states: list[dict], scaler: LossScaler | None = None) -> Path:
+    """Write checkpoints/step-N atomically: adapter, optimiser, scheduler, loss scale, step, one RNG state
+    per process."""
     out = run_dir / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(out, overwrite=True) as tmp:
         save_adapter(model, tmp / "adapter", tensors=adapter)
         save_tree(optim_state, tmp, "optimizer")
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world": len(rng_states)}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "world": len(rng_states),
+                 **({"loss_scale": scaler.state_dict()} if scaler is not None and scaler.enabled else {})}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         for rank, rng in enumerate(rng_states):
             save_tree(rng, tmp, f"rng-{rank}")
@@ -162,7 +218,8 @@ def save_checkpoint(run_dir: Path, step: int, model, adapter: dict, optim_state:
     return out
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int, sharded: bool) -> int:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int, sharded: bool,
+                    scaler: LossScaler | None = None) -> int:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state.get("world", 1) != world:
         raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
@@ -174,14 +231,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: i
     load_lora_state(model, tensors)
     load_optimizer_state(optimizer, load_tree(ckpt, "optimizer"), sharded)
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.enabled:
+        scaler.load_state_dict(state.get("loss_scale"), ckpt)
     _set_rng_state(load_tree(ckpt, f"rng-{rank}"))
     return int(state["step"])
 
 
 def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
     """Print the memory plan in one line, and warn before loading if it will not fit."""
-    import warnings
-
     from .plan import check_fits, plan_memory
 
     t = config.train
@@ -285,11 +342,18 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
+    compute_dtype = model.get_input_embeddings().weight.dtype  # the loader's resolved compute dtype
+    if sharded and compute_dtype == torch.float16:
+        raise QLoraKitError("fp16 compute with fsdp: true is not supported (its loss scaling would have to see "
+                            "every shard); set quant.compute_dtype: bf16 (or fp32), or train without fsdp")
+    scaler = LossScaler(compute_dtype == torch.float16, device)
+    if scaler.enabled:  # a skipped first step is expected, and the schedule follows steps, not updates
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world, sharded)
+        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world, sharded, scaler)
     else:
         torch.manual_seed(t.seed + rank)  # dropout masks differ per process, reproducibly
     if main:
@@ -319,24 +383,32 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
                     layer.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(loss_module):
                 loss, _ = loss_module(**batch)
-                accelerator.backward(loss / t.grad_accum)
+                accelerator.backward(scaler.scale(loss / t.grad_accum))
             losses.append(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if not math.isfinite(step_loss):
-            last = latest_checkpoint(run_dir)
-            raise QLoraKitError(f"the loss became {step_loss} at step {step}; training stopped before the "
-                                f"optimiser step. Last good checkpoint: {last or 'none yet'}. Lower train.lr, "
-                                "check the data, or resume from the checkpoint")
+        if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
+            _diverged(run_dir, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
+                               "step")
+        scaler.unscale(optimizer)
         if t.max_grad_norm:
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
+        taken = scaler.step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            _diverged(run_dir, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
+                               f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
+                               "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
+                               "quant.compute_dtype: bf16 or fp32 if the hardware has it")
+        if taken and not all(bool(torch.isfinite(p).all()) for p in params):
+            _diverged(run_dir, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
 
         elapsed = time.time() - tick
         row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
+        if scaler.enabled:
+            row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
         if eval_set is not None and (step % t.eval_every == 0 or step == total_steps):
             eval_after = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
             row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
@@ -345,7 +417,7 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                        mem=f"{row['mem_mb']:.0f}MB")
+                        mem=f"{row['mem_mb']:.0f}MB", **({"skipped": scaler.skipped} if scaler.enabled else {}))
         bar.update(1)
         if _STEP_DELAY:
             time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
@@ -353,9 +425,12 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
             rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
             adapter, optim_state = full_lora_state(model), optimizer_state(optimizer, sharded)
             if main:
-                save_checkpoint(run_dir, step, model, adapter, optim_state, scheduler, t.keep_last, rng_states)
+                save_checkpoint(run_dir, step, model, adapter, optim_state, scheduler, t.keep_last, rng_states, scaler)
             accelerator.wait_for_everyone()
     bar.close()
+    if scaler.enabled and main:
+        print(f"qlora-kit: fp16 loss scaling skipped {scaler.skipped} of {total_steps} steps (overflow); "
+              f"final scale {scaler.scale_value:g}")
 
     adapter_dir = run_dir / "adapter"
     adapter = full_lora_state(model)
@@ -368,6 +443,12 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
         from .export import export_merged  # the exporter streams from the base folder
         export_merged(model_path, adapter_dir, run_dir / "merged", dtype=config.output.export_dtype, overwrite=True)
     return result
+
+
+def _diverged(run_dir: Path, what: str) -> None:
+    last = latest_checkpoint(run_dir)
+    raise QLoraKitError(f"{what}. Last good checkpoint: {last or 'none yet'}. Lower train.lr, check the data, or "
+                        "resume from the checkpoint")
 
 
 def _read_history(path: Path, upto: int) -> list[dict]:

@@ -13,7 +13,10 @@ os.environ["QLORA_KIT_CPU_BF16"] = "0"
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+import qlora_kit.quant  # noqa: E402
 from tiny import make_model_dir  # noqa: E402
+
+REAL_PROBE = qlora_kit.quant._cpu_has_fast_bf16  # for the test of the probe itself
 
 # The compute dtypes of the core matrix. fp16 runs on CPU too (slowly, fine for tiny models).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

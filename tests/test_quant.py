@@ -7,56 +7,65 @@ import torch.nn.functional as F
 from qlora_kit import QLoraKitError, QuantConfig, QuantLinear
 from qlora_kit.quant import QuantizedWeight, roundtrip
 
+from conftest import DTYPES
+
 BF16 = torch.bfloat16
 CONFIGS = [
-    QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=BF16),
-    QuantConfig(bits=4, quant_type="nf4", double_quant=False, blocksize=128, compute_dtype=BF16),
-    QuantConfig(bits=4, quant_type="fp4", double_quant=True, blocksize=32, compute_dtype=BF16),
-    QuantConfig(bits=8, compute_dtype=BF16),
+    dict(bits=4, quant_type="nf4", double_quant=True),
+    dict(bits=4, quant_type="nf4", double_quant=False, blocksize=128),
+    dict(bits=4, quant_type="fp4", double_quant=True, blocksize=32),
+    dict(bits=8),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.bits}bit-{c.quant_type}-dq{c.double_quant}-b{c.blocksize}")
-def test_output_equals_linear_with_dequantised_weight(cfg):
+def bound(dtype, x, w):
+    """What rounding to `dtype` may cost in y = x @ W.T: W to the dtype (eps/2 of each weight) and the
+    output to the dtype (eps/2 of |y|), each at most eps/2 * |x| @ |W|.T; products summed in fp32."""
+    return torch.finfo(dtype).eps * (x.abs().float() @ w.abs().float().T) + 1e-6
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['bits']}bit-{c.get('quant_type')}-dq{c.get('double_quant')}")
+def test_output_and_input_gradient_equal_linear_with_dequantised_weight(cfg, any_dtype):
     torch.manual_seed(0)
-    w = torch.randn(688, 96, dtype=torch.bfloat16)  # 688 % 32 != 0
-    layer = QuantLinear.from_weight(w, cfg)
-    x = torch.randn(3, 5, 96, dtype=torch.bfloat16)
-    ref = F.linear(x, layer.dequantize(torch.bfloat16))
+    w = torch.randn(688, 96)  # 688 % 32 != 0
+    layer = QuantLinear.from_weight(w.to(any_dtype), QuantConfig(**cfg, compute_dtype=any_dtype))
+    exact = layer.dequantize(torch.float32)
+    x = torch.randn(3, 5, 96).to(any_dtype).requires_grad_()
     out = layer(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-2)  # bf16 tolerance
+    assert out.dtype == any_dtype
+    assert ((out.float() - F.linear(x.detach().float(), exact)).abs() <= bound(any_dtype, x.detach(), exact)).all()
+    g = torch.randn(3, 5, 688).to(any_dtype)
+    out.backward(g)
+    assert x.grad.dtype == any_dtype
+    assert ((x.grad.float() - g.float() @ exact).abs() <= bound(any_dtype, g, exact.T)).all()
 
 
 def test_quantisation_error_matches_published_figures():
     torch.manual_seed(0)
     w = torch.randn(1024, 1024)
     err = lambda cfg: ((roundtrip(w, cfg) - w).norm() / w.norm()).item()  # noqa: E731
-    assert 0.08 < err(QuantConfig(quant_type="nf4")) < 0.10   # FACTS: 0.092
-    assert 0.11 < err(QuantConfig(quant_type="fp4")) < 0.13   # FACTS: 0.122
-    assert err(QuantConfig(bits=8)) < 0.01
+    assert 0.08 < err(QuantConfig(quant_type="nf4", compute_dtype="fp32")) < 0.10   # FACTS: 0.092
+    assert 0.11 < err(QuantConfig(quant_type="fp4", compute_dtype="fp32")) < 0.13   # FACTS: 0.122
+    assert err(QuantConfig(bits=8, compute_dtype="fp32")) < 0.01
 
 
-def test_input_gradient_flows_and_weight_is_frozen():
-    torch.manual_seed(0)
-    w = torch.randn(88, 64, dtype=torch.bfloat16)
-    layer = QuantLinear.from_weight(w, QuantConfig())
-    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+def test_weight_is_frozen_and_packed():
+    layer = QuantLinear.from_weight(torch.randn(88, 64, dtype=BF16), QuantConfig(compute_dtype=BF16))
+    x = torch.randn(4, 64, dtype=BF16, requires_grad=True)
     layer(x).sum().backward()
-    expected = torch.ones(4, 88, dtype=torch.bfloat16) @ layer.dequantize(torch.bfloat16)
-    torch.testing.assert_close(x.grad, expected, rtol=1.6e-2, atol=1e-2)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == []
     assert layer.weight.dtype == torch.uint8  # the packed weight, a frozen parameter FSDP can shard
 
 
-def test_eval_train_eval_keeps_weight_and_gradients():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_eval_train_eval_keeps_weight_and_gradients(bits, any_dtype):
     """The trap: bnb's Linear4bit repacks its weight on the first no-grad eval forward on AVX512-BF16
     CPUs, after which dequantisation is garbage and training loses its input gradient. Our layer
     must give identical numbers before and after any number of eval passes."""
     torch.manual_seed(0)
-    layer = QuantLinear.from_weight(torch.randn(688, 64, dtype=torch.bfloat16), QuantConfig())
+    layer = QuantLinear.from_weight(torch.randn(688, 64, dtype=any_dtype), QuantConfig(bits=bits, compute_dtype=any_dtype))
     before = layer.dequantize().clone()
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=any_dtype)
     layer.eval()
     with torch.no_grad():
         y0 = layer(x)
@@ -126,7 +135,7 @@ def test_sliced_quantiser_is_bit_identical_to_one_call(monkeypatch, shape, doubl
     monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
     w = torch.randn(*shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     for quant_type in ("nf4", "fp4"):
-        ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant))
+        ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=BF16))
         data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
         assert torch.equal(ours.data, data)
         assert torch.equal(ours.state.absmax, state.absmax)
@@ -134,3 +143,32 @@ def test_sliced_quantiser_is_bit_identical_to_one_call(monkeypatch, shape, doubl
             assert torch.equal(ours.state.state2.absmax, state.state2.absmax)
             assert torch.equal(ours.state.offset, state.offset)
         assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(data, state).float())
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu_follows_the_probe(fake_cpu, has_bf16, expected):
+    from qlora_kit.quant import fast_dtype
+
+    fake_cpu(has_bf16)
+    assert fast_dtype("cpu") is expected
+    assert QuantConfig().resolved("cpu").compute_dtype is expected
+    assert QuantLinear.from_weight(torch.randn(64, 32), QuantConfig()).compute_dtype is expected
+
+
+@pytest.mark.parametrize("flag, expected", [("1", True), ("0", False)])
+def test_cpu_probe_can_be_forced_by_environment(monkeypatch, flag, expected):
+    from conftest import REAL_PROBE
+
+    monkeypatch.setenv("QLORA_KIT_CPU_BF16", flag)
+    assert REAL_PROBE() is expected
+
+
+def test_int8_quantises_from_fp16_whatever_the_compute_dtype():
+    """bitsandbytes' CUDA int8 quantiser takes fp16 only; the CPU one is made to agree with it."""
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(96, 64)
+    for dtype in DTYPES.values():
+        want, scale, _ = bnbf.int8_vectorwise_quant(w.to(dtype).half())
+        q = QuantizedWeight(w.to(dtype), QuantConfig(bits=8, compute_dtype=dtype))
+        assert torch.equal(q.data, want) and torch.equal(q.row_scale, scale)

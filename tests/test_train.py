@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: learning, files, refusals, kill-and-resume, NaN, 2 processes."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from qlora_kit import QLoraKitError
 from qlora_kit.config import config_from_dict
-from qlora_kit.trainer import train
+from qlora_kit.quant import dtype_name
+from qlora_kit.trainer import MAX_SKIPPED_IN_A_ROW, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +32,10 @@ def write_data(path: Path, n: int = 48) -> Path:
     return path
 
 
-def make_config(tmp_path, model_dir, **train_overrides):
+def make_config(tmp_path, model_dir, compute_dtype="fp32", **train_overrides):
     raw = {
         "model": {"path": str(model_dir)},
+        "quant": {"compute_dtype": compute_dtype},
         "lora": {"r": 4, "dropout": 0.1},
         "data": {"train": str(write_data(tmp_path / "data.jsonl")), "max_seq_len": 48, "eval_fraction": 0.125},
         "train": {"max_steps": 8, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "eval_every": 4,
@@ -54,8 +57,10 @@ def cli(*args, env_extra=None, **kw):
                           capture_output=True, text=True, **kw)
 
 
-def test_run_learns_and_writes_everything(tmp_path, tiny_dir):
-    raw = make_config(tmp_path, tiny_dir, max_steps=10, eval_every=5)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_run_learns_and_writes_everything(tmp_path, tiny_dir, bits, any_dtype):
+    raw = make_config(tmp_path, tiny_dir, dtype_name(any_dtype), max_steps=10, eval_every=5)
+    raw["quant"]["bits"] = bits
     result = train(config_from_dict(raw), progress=False)
     run = result.run_dir
     assert result.eval_after < result.eval_before - 0.5
@@ -63,6 +68,10 @@ def test_run_learns_and_writes_everything(tmp_path, tiny_dir):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert {"loss", "lr", "tokens_per_s", "mem_mb"} <= rows[0].keys() and "eval_ppl" in rows[4]
+    # fp16 alone scales the loss, and says so in every row
+    assert ("loss_scale" in rows[0]) == (any_dtype == torch.float16)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["qlora_kit"]["quant"]["compute_dtype"] \
+        == dtype_name(any_dtype)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000010"]
     assert not any(p.name.startswith(".tmp") for p in run.rglob("*"))
 
@@ -258,3 +267,94 @@ def test_train_takes_a_dict_with_the_yaml_sections(tmp_path, tiny_dir):
     assert result.steps == 2 and (result.adapter_dir / "adapter_config.json").is_file()
     with pytest.raises(QLoraKitError, match="did you mean"):
         train({**raw, "trian": {}}, progress=False)
+
+
+# ---------------------------------------------------------------- fp16: dynamic loss scaling
+
+def rows_of(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def scaled_loss_at(monkeypatch, factor: float, steps: set[int]):
+    """Multiply the training loss by `factor` at the given (1-based) optimiser steps: 1e30 makes every
+    fp16 activation gradient overflow in the backward pass, inf makes the loss itself overflow."""
+    import qlora_kit.trainer as tr
+
+    real, calls = tr.causal_lm_loss, {"n": 0}
+
+    def loss(model, *a, **k):
+        value, n = real(model, *a, **k)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                return value * factor, n
+        return value, n
+
+    monkeypatch.setattr(tr, "causal_lm_loss", loss)
+
+
+def test_fp16_training_tracks_fp32(tmp_path, tiny_dir):
+    """Same data, seed and initial adapter: fp16 compute with loss scaling follows the fp32 run. fp16 keeps
+    11 significant bits (eps 2^-10), so every forward pass differs by ~1e-3 relative; over 12 steps of
+    lr 5e-3 the losses stay within 2%."""
+    losses = {}
+    for dtype in ("fp32", "fp16"):
+        raw = make_config(tmp_path, tiny_dir, dtype, max_steps=12, eval_every=100, save_every=100, schedule="constant")
+        raw["lora"]["dropout"] = 0.0
+        raw["data"]["eval_fraction"] = 0.0
+        raw["output"]["dir"] = str(tmp_path / dtype)
+        train(raw, progress=False)
+        losses[dtype] = [r["loss"] for r in rows_of(tmp_path / dtype)]
+    skipped = [r["step"] for r in rows_of(tmp_path / "fp16") if r["skipped"]]
+    assert skipped == [], skipped  # the initial scale 2^16 does not overflow on this model
+    for a, b in zip(losses["fp32"], losses["fp16"]):
+        assert abs(a - b) / a < 2e-2, (losses["fp32"], losses["fp16"])
+    assert losses["fp16"][-1] < losses["fp16"][0] - 0.5  # and it learns
+
+
+@pytest.mark.parametrize("factor", [1e30, float("inf")], ids=["gradient-overflow", "loss-overflow"])
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, tiny_dir, monkeypatch, capsys, factor):
+    scaled_loss_at(monkeypatch, factor, {3})
+    raw = make_config(tmp_path, tiny_dir, "fp16", max_steps=6, eval_every=100, save_every=2)
+    raw["data"]["eval_fraction"] = 0.0
+    result = train(raw, progress=False)
+    rows = rows_of(result.run_dir)
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
+    assert rows[2]["loss_scale"] == rows[1]["loss_scale"] / 2 and rows[-1]["skipped_steps"] == 1
+    assert all(math.isfinite(t.abs().max()) for t in load_file(result.adapter_dir / "adapter_model.safetensors").values())
+    assert "skipped 1 of 6 steps" in capsys.readouterr().out
+
+
+def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, tiny_dir, monkeypatch):
+    """An overflow before the checkpoint lowers the scale; the resumed run must carry that scale on."""
+    scaled_loss_at(monkeypatch, 1e30, {2})
+    raw = make_config(tmp_path, tiny_dir, "fp16", max_steps=6, eval_every=100, save_every=3, schedule="constant")
+    raw["data"]["eval_fraction"] = 0.0
+    raw["output"]["dir"] = str(tmp_path / "straight")
+    train(raw, progress=False)
+    scaled_loss_at(monkeypatch, 1e30, {2})
+    raw["output"]["dir"] = str(tmp_path / "resumed")
+    train({**raw, "train": {**raw["train"], "max_steps": 3}}, progress=False)
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert state["loss_scale"]["scale"] == 2.0 ** 15 and state["loss_scale"]["skipped"] == 1
+    train(raw, resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss_scale"] for r in rows_of(tmp_path / "resumed")] == [r["loss_scale"] for r in rows_of(tmp_path / "straight")]
+
+
+def test_fp16_stops_after_many_overflows_in_a_row(tmp_path, tiny_dir, monkeypatch):
+    scaled_loss_at(monkeypatch, float("inf"), set(range(4, 100)))
+    raw = make_config(tmp_path, tiny_dir, "fp16", max_steps=60, eval_every=100, save_every=2)
+    raw["data"]["eval_fraction"] = 0.0
+    with pytest.raises(QLoraKitError, match=rf"{MAX_SKIPPED_IN_A_ROW} fp16 steps in a row overflowed .*step-0000026"):
+        train(raw, progress=False)
+
+
+def test_bf16_nan_loss_still_stops(tmp_path, tiny_dir, monkeypatch):
+    scaled_loss_at(monkeypatch, float("nan"), {3})
+    raw = make_config(tmp_path, tiny_dir, "bf16", max_steps=6, eval_every=100, save_every=2)
+    raw["data"]["eval_fraction"] = 0.0
+    with pytest.raises(QLoraKitError, match=r"loss became nan at step 3.*step-0000002"):
+        train(raw, progress=False)
