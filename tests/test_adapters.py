@@ -25,7 +25,7 @@ def ids():
 
 
 def test_layout_and_key_names(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, progress=False)
+    model, _ = load_model(tiny_dir, quant=FP32, progress=False)
     add_lora(model, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
     save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -35,13 +35,14 @@ def test_layout_and_key_names(tiny_dir, tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig(bits=8), None], ids=["4bit", "8bit", "bf16"])
-def test_save_load_roundtrip_exact(tiny_dir, tmp_path, quant):
-    model, _ = load_model(tiny_dir, quant=quant, progress=False)
+@pytest.mark.parametrize("bits", [4, 8, None], ids=["4bit", "8bit", "unquantised"])
+def test_save_load_roundtrip_exact(tiny_dir, tmp_path, bits, any_dtype):
+    quant = None if bits is None else QuantConfig(bits=bits, compute_dtype=any_dtype)
+    model, _ = load_model(tiny_dir, quant=quant, dtype=any_dtype, progress=False)
     add_lora(model, LoraConfig(r=4, dropout=0.0))
     randomise(model)
     save_adapter(model, tmp_path / "a")
-    fresh, _ = load_model(tiny_dir, quant=quant, progress=False)
+    fresh, _ = load_model(tiny_dir, quant=quant, dtype=any_dtype, progress=False)
     load_adapter(fresh, tmp_path / "a")
     for (k, a), (_, b) in zip(lora_state_dict(model).items(), lora_state_dict(fresh).items()):
         assert torch.equal(a, b), k
@@ -92,39 +93,39 @@ def test_peft_trained_adapter_loads_with_same_logits(tiny_dir, tmp_path, rslora)
 
 
 def test_adapter_from_other_model_names_mismatch(tiny_dirs, tmp_path):
-    big, _ = load_model(tiny_dirs("llama", hidden=96, heads=4), progress=False)
+    big, _ = load_model(tiny_dirs("llama", hidden=96, heads=4), quant=FP32, progress=False)
     add_lora(big, LoraConfig(r=4))
     save_adapter(big, tmp_path / "a")
-    small, _ = load_model(tiny_dirs("llama"), progress=False)
+    small, _ = load_model(tiny_dirs("llama"), quant=FP32, progress=False)
     with pytest.raises(QLoraKitError, match="shape mismatches: model.layers.0"):
         load_adapter(small, tmp_path / "a")
 
 
 def test_adapter_with_modules_base_lacks(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, progress=False)
+    model, _ = load_model(tiny_dir, quant=FP32, progress=False)
     add_lora(model, LoraConfig(r=4))
     save_adapter(model, tmp_path / "a")
     f = tmp_path / "a" / "adapter_model.safetensors"
     t = load_file(f)
     t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
     save_file(t, f)
-    fresh, _ = load_model(tiny_dir, progress=False)
+    fresh, _ = load_model(tiny_dir, quant=FP32, progress=False)
     with pytest.raises(QLoraKitError, match="model.layers.7.self_attn.q_proj"):
         load_adapter(fresh, tmp_path / "a")
 
 
 def test_adapter_rank_differs_from_model_adapters(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, progress=False)
+    model, _ = load_model(tiny_dir, quant=FP32, progress=False)
     add_lora(model, LoraConfig(r=4))
     save_adapter(model, tmp_path / "a")
-    other, _ = load_model(tiny_dir, progress=False)
+    other, _ = load_model(tiny_dir, quant=FP32, progress=False)
     add_lora(other, LoraConfig(r=8))
     with pytest.raises(QLoraKitError, match="another rank"):
         load_adapter(other, tmp_path / "a")
 
 
 def test_not_an_adapter_folder(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, progress=False)
+    model, _ = load_model(tiny_dir, quant=FP32, progress=False)
     with pytest.raises(QLoraKitError, match="no adapter_config.json"):
         load_adapter(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text("{}")
@@ -134,6 +135,6 @@ def test_not_an_adapter_folder(tiny_dir, tmp_path):
 
 
 def test_save_without_adapters(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, progress=False)
+    model, _ = load_model(tiny_dir, quant=FP32, progress=False)
     with pytest.raises(QLoraKitError, match="add_lora"):
         save_adapter(model, tmp_path / "a")

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
 import qlora_kit.gguf_export as gguf_export
-from qlora_kit import QLoraKitError, export_gguf, export_merged
+from qlora_kit import QLoraKitError, QuantConfig, export_gguf, export_merged
 from qlora_kit.cli import main as cli_main
 from test_export import trained_adapter
 
@@ -73,6 +73,16 @@ def test_f16_gguf_reads_back_as_the_merged_model(adapters, tmp_path, arch):
     assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
     assert names["blk.1.ffn_down.weight"].tensor_type == Q.F16 and names["output_norm.weight"].tensor_type == Q.F32
     assert report["architecture"] == ("qwen2" if arch == "qwen2" else "llama")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gguf_of_an_adapter_trained_in_each_dtype(tiny_dir, tmp_path, bits, dtype):
+    """The base the adapter trained on (quantised from the compute dtype) is the one written to the GGUF."""
+    trained_adapter(tiny_dir, tmp_path / "a", quant=QuantConfig(bits=bits, compute_dtype=dtype))
+    export_merged(tiny_dir, tmp_path / "a", tmp_path / "merged", dtype="fp32", verify=False, **QUIET)
+    report = export_gguf(tiny_dir, tmp_path / "a", tmp_path / "m.gguf", **QUIET)
+    assert report["verify"]["logit_rel_error"] < TOLERANCE["f16"]
+    assert rel(logits_of(load_gguf(tmp_path / "m.gguf")), logits_of(load_folder(tmp_path / "merged"))) < TOLERANCE["f16"]
 
 
 @pytest.mark.parametrize("gguf_type", ["bf16", "q8_0"])

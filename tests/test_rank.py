@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from qlora_kit import LoraConfig, add_lora, load_model, rank_report, save_adapter
+from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, rank_report, save_adapter
 from qlora_kit.adapters import peft_config_dict
 from qlora_kit.cli import main as cli_main
 from qlora_kit.rank import energy_rank, product_singular_values
@@ -53,7 +53,7 @@ def test_synthetic_adapter_of_known_rank_is_recovered(tmp_path):
 
 
 def test_full_rank_adapter_suggests_a_larger_r(tiny_dir, tmp_path):
-    model, _ = load_model(tiny_dir, load_tokenizer=False, progress=False)
+    model, _ = load_model(tiny_dir, quant=QuantConfig(compute_dtype=torch.float32), load_tokenizer=False, progress=False)
     add_lora(model, LoraConfig(r=4, init="svd"))  # top singular triplets of random weights: all of r used
     save_adapter(model, tmp_path / "a")
     report = rank_report(tmp_path / "a")

@@ -19,8 +19,9 @@ def test_converted_folder_is_a_normal_hf_model(smollm2_dir):
     assert (smollm2_dir / "model.safetensors").is_file() and not list(smollm2_dir.glob("*.gguf"))
 
 
-def test_qlora_cycle_on_smollm2(smollm2_dir, tmp_path):
-    model, tok = load_model(smollm2_dir, quant=QuantConfig(bits=4), progress=False)
+def test_qlora_cycle_on_smollm2(smollm2_dir, tmp_path, dtype):
+    quant = QuantConfig(bits=4, compute_dtype=dtype)
+    model, tok = load_model(smollm2_dir, quant=quant, progress=False)
     trainable_before, total = trainable_parameters(model)
     assert trainable_before == 0 and 134_000_000 < total < 135_000_000
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -59,14 +60,14 @@ def test_qlora_cycle_on_smollm2(smollm2_dir, tmp_path):
     with torch.no_grad():
         tuned = model(ids).logits.clone()
     save_adapter(model, tmp_path / "adapter")
-    fresh, _ = load_model(smollm2_dir, quant=QuantConfig(bits=4), progress=False)
+    fresh, _ = load_model(smollm2_dir, quant=quant, progress=False)
     load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, tuned)
         merged32 = merge_lora(model, torch.float32)(ids).logits.float()
         merged16 = merge_lora(model, torch.bfloat16)(ids).logits.float()
     rel = lambda a: ((a - tuned.float()).norm() / tuned.float().norm()).item()  # noqa: E731
-    if model.get_input_embeddings().weight.dtype == torch.float32:
-        assert rel(merged32) < 1e-4, rel(merged32)
-    # bf16 weights and activations through 30 layers: a few percent of relative logit error
+    # fp32: the merge is exact up to fp32 sums; bf16 (the model's activations, or the merged weights) through
+    # 30 layers: a few percent of relative logit error
+    assert rel(merged32) < (1e-4 if dtype == torch.float32 else 6e-2), rel(merged32)
     assert rel(merged16) < 6e-2, rel(merged16)
