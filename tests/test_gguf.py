@@ -76,7 +76,8 @@ def test_f16_gguf_reads_back_as_the_merged_model(adapters, tmp_path, arch):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gguf_of_an_adapter_trained_in_each_dtype(tiny_dir, tmp_path, bits, dtype):
+def test_gguf_of_an_adapter_trained_in_each_dtype(tiny_dir, tmp_path, bits, any_dtype):
+    dtype = any_dtype
     """The base the adapter trained on (quantised from the compute dtype) is the one written to the GGUF."""
     trained_adapter(tiny_dir, tmp_path / "a", quant=QuantConfig(bits=bits, compute_dtype=dtype))
     export_merged(tiny_dir, tmp_path / "a", tmp_path / "merged", dtype="fp32", verify=False, **QUIET)

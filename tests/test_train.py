@@ -279,8 +279,9 @@ def scaled_loss_at(monkeypatch, factor: float, steps: set[int]):
     """Multiply the training loss by `factor` at the given (1-based) optimiser steps: 1e30 makes every
     fp16 activation gradient overflow in the backward pass, inf makes the loss itself overflow."""
     import qlora_kit.trainer as tr
+    from qlora_kit.losses import causal_lm_loss as real
 
-    real, calls = tr.causal_lm_loss, {"n": 0}
+    calls = {"n": 0}
 
     def loss(model, *a, **k):
         value, n = real(model, *a, **k)
@@ -342,6 +343,24 @@ def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, tiny_dir, monkeyp
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss_scale"] for r in rows_of(tmp_path / "resumed")] == [r["loss_scale"] for r in rows_of(tmp_path / "straight")]
+
+
+def test_stopped_and_resumed_run_equals_a_straight_run(tmp_path, tiny_dir, monkeypatch, any_dtype):
+    """Resume in every compute dtype (in-process; the SIGKILL test above covers a hard kill in fp32)."""
+    fp16 = any_dtype == torch.float16
+    raw = make_config(tmp_path, tiny_dir, dtype_name(any_dtype), max_steps=6, eval_every=100, save_every=3,
+                      schedule="constant")
+    raw["data"]["eval_fraction"] = 0.0
+    for out, steps in (("straight", 6), ("resumed", 3)):
+        if fp16:
+            scaled_loss_at(monkeypatch, 1e30, {2})  # an overflow before the checkpoint: the scale must carry on
+        raw["output"]["dir"] = str(tmp_path / out)
+        train({**raw, "train": {**raw["train"], "max_steps": steps}}, progress=False)
+    train(raw, resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows_of(tmp_path / "resumed")] == [r["loss"] for r in rows_of(tmp_path / "straight")]
 
 
 def test_fp16_stops_after_many_overflows_in_a_row(tmp_path, tiny_dir, monkeypatch):
