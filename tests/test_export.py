@@ -27,7 +27,8 @@ FAST = dict(progress=False, verify=False)
 
 def trained_adapter(base, out, quant=Q4, r=4, seed=1, extra=None, **lora):
     """Save an adapter with random non-zero B (as after training); return the model that holds it."""
-    model, _ = load_model(base, quant=quant, load_tokenizer=False, progress=False)
+    dtype = quant.compute_dtype if quant is not None else torch.float32
+    model, _ = load_model(base, quant=quant, dtype=dtype, load_tokenizer=False, progress=False)
     add_lora(model, LoraConfig(r=r, dropout=0.0, **lora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -285,14 +286,22 @@ def test_killed_export_leaves_no_complete_looking_out(tiny_dir, tmp_path, previo
 
 
 def test_existing_out_refused_without_overwrite(tiny_dir, tmp_path):
+    """overwrite replaces an earlier export only; a folder of the user's is refused even with it."""
     trained_adapter(tiny_dir, tmp_path / "a")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(QLoraKitError, match="already exists.*overwrite"):
         export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", **FAST)
+    with pytest.raises(QLoraKitError, match="is not a qlora_kit export .* will not replace it"):
+        export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", overwrite=True, **FAST)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    (tmp_path / "out" / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", **FAST)
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    trained_adapter(tiny_dir, tmp_path / "a", seed=2)
     export_merged(tiny_dir, tmp_path / "a", tmp_path / "out", overwrite=True, **FAST)
-    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_adapter_with_wrong_shapes_lists_mismatches(tiny_dirs, tmp_path):

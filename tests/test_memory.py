@@ -50,8 +50,10 @@ def test_blocks_of_a_mebibyte_get_their_own_mapping():
 
 
 def test_load_model_fixes_the_threshold(tiny_dir):
-    from qlora_kit import load_model
+    import torch
+
+    from qlora_kit import QuantConfig, load_model
     from qlora_kit import memory
 
-    load_model(tiny_dir, load_tokenizer=False, progress=False)
+    load_model(tiny_dir, quant=QuantConfig(compute_dtype=torch.float32), load_tokenizer=False, progress=False)
     assert memory._applied == (1 << 20) or not sys.platform.startswith("linux")
