@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import QLoraKitError, first_few
-from .io import atomic_dir
+from .io import atomic_dir, check_replace, refuse_overlap, unknown_entries
 from .inits import CHANGES_BASE, INIT_FILE, SourceWeights, init_tensors, quant_matches, rebuild_base, split_init_tensors
 from .lora import LoraConfig, add_lora, lora_layers, lora_state_dict
 from .quant import QuantLinear, as_dtype
@@ -54,6 +54,8 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
     """Write the model's adapters to `out` atomically, in PEFT's layout.
 
     dtype: tensor dtype in the file; default fp32 (the master weights, so reloading is exact).
+    overwrite: replace an adapter folder qlora_kit wrote there before (never a file, another kind of
+        folder, or the model's own folder), once the new one is complete.
     tensors: the adapter tensors, if not the model's own (a sharded model passes gathered ones)."""
     from safetensors.torch import save_file
 
@@ -61,6 +63,9 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
     layers = lora_layers(model)
     if config is None or not layers:
         raise QLoraKitError("this model has no LoRA adapters to save: call add_lora(model, ...) first")
+    out = Path(out)
+    refuse_overlap(out, {"model folder": getattr(model, "source_path", None)}, "adapter folder")
+    check_replace(out, overwrite, is_adapter_folder, OUR_ADAPTER, flag="overwrite=True")
     dtype = as_dtype(dtype) if dtype is not None else torch.float32
     tensors = tensors if tensors is not None else lora_state_dict(model)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
@@ -78,6 +83,19 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
             save_file({k: v.contiguous() for k, v in init.items()}, str(tmp / INIT_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return Path(out)
+
+
+OUR_ADAPTER = "an adapter folder qlora_kit wrote (adapter_config.json with a 'qlora_kit' entry, and nothing else)"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, INIT_FILE)
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """An adapter folder `save_adapter` wrote: only those are replaced."""
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "qlora_kit" in raw and not unknown_entries(folder, ADAPTER_FILES.__contains__)
 
 
 def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
@@ -221,6 +239,9 @@ def to_plain_lora(path: str | Path, out: str | Path, overwrite: bool = False) ->
     changed, added to W. Any LoRA loader (PEFT included) can apply it to the unmodified model."""
     from safetensors.torch import save_file
 
+    out = Path(out)
+    refuse_overlap(out, {"adapter folder": path}, "out")
+    check_replace(out, overwrite, is_adapter_folder, OUR_ADAPTER, flag="overwrite=True")
     config, tensors, raw = read_adapter(path)
     states = read_init(path)
     if not states:

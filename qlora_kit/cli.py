@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import QLoraKitError
+from .io import is_disk_full
 
 # module -> its register(subparsers) adds one subcommand whose handler is set with set_defaults(func=...)
 COMMANDS = [
@@ -36,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     except QLoraKitError as e:
         print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qlora-kit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say how to carry on
+        print(f"qlora-kit {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk wherever no writer caught it first
+        if not is_disk_full(e):
+            raise
+        print(f"qlora-kit {args.command}: error: the disk is full ({e}); free some space and run the command "
+              "again", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

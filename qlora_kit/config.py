@@ -5,13 +5,15 @@
     train:  {epochs: 3, lr: 2.0e-4}
     output: {dir: runs/my-run}
 
-Unknown keys are errors that name the nearest valid key; values are checked for type and range
-before anything is loaded, so a typo costs a second, not a model load.
+Unknown keys are errors that name the nearest valid key; values are checked for type, range and
+finiteness before anything is loaded, so a typo costs a second, not a model load. Relative paths in a
+YAML file (data files, output.dir, a model folder) are relative to that file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,12 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         t, d = self.train, self.data
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                _check(not isinstance(value, float) or math.isfinite(value), f"{section.name}.{f.name}", value,
+                       "is not a finite number: write an ordinary number")
         _check(t.lr > 0, "train.lr", t.lr, "must be positive (2e-4 is usual for LoRA)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
         _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be at least 1")
@@ -137,6 +145,7 @@ class RunConfig:
         _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
         _check(d.on_bad_line in ("error", "skip"), "data.on_bad_line", d.on_bad_line, "use error or skip")
         _check(bool(d.train), "data.train", d.train, "is required: the path of a JSONL training file")
+        _check(bool(self.output.dir), "output.dir", self.output.dir, "is required: the folder to write the run to")
         self.quant.build()
         self.lora.build(t.seed)
         return self
@@ -188,6 +197,8 @@ def config_from_dict(raw: dict) -> RunConfig:
         if sec_name == "quant" and values is None:
             section.bits = None
             continue
+        if values is None:  # 'train:' with nothing under it: every key keeps its default
+            continue
         if not isinstance(values, dict):
             raise QLoraKitError(f"config section {sec_name!r} should be a mapping of keys to values")
         fields = {f.name for f in dataclasses.fields(section)}
@@ -200,21 +211,48 @@ def config_from_dict(raw: dict) -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML run config; relative data paths are taken relative to the config file."""
+    """Read a YAML run config. `overrides` ({"train.lr": 1e-4}) are applied as if written in the file.
+
+    Relative paths are taken relative to the config file: output.dir always, data files and
+    model.path where they exist there (else as given, relative to the current folder)."""
     path = Path(path)
     if not path.is_file():
         raise QLoraKitError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise QLoraKitError(f"{path} is not UTF-8 text (byte {path.read_bytes()[e.start]:#04x} on line {line}): "
+                            "save the config as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise QLoraKitError(f"{path} is not valid YAML: {e}") from None
+        raise QLoraKitError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise QLoraKitError(f"{path} holds a YAML {type(raw).__name__}, not a mapping: write sections such as "
+                            "'model:', 'data:', 'train:' at the top level")
     for dotted, value in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
-        raw.setdefault(sec, {})[key] = value
+        current = raw.get(sec)
+        if current is None and sec == "quant" and sec in raw and key != "bits":
+            raise QLoraKitError(f"--set {dotted}: {path} has 'quant: null' (an unquantised base); set quant.bits "
+                                "too, or remove 'quant: null'")
+        if current is None:
+            current = raw[sec] = {}
+        if not isinstance(current, dict):
+            raise QLoraKitError(f"--set {dotted}: section {sec!r} of {path} is a {type(current).__name__}, not a "
+                                "mapping of keys to values")
+        current[key] = value
     run = config_from_dict(raw)
     base = path.parent
     for attr in ("train", "eval"):
         value = getattr(run.data, attr)
         if value and not Path(value).is_absolute() and (base / value).exists():
             setattr(run.data, attr, str(base / value))
+    model = run.model.path
+    if not Path(model).is_absolute() and (base / model).is_dir():
+        run.model.path = str(base / model)
+    out = Path(run.output.dir).expanduser()
+    run.output.dir = str(out if out.is_absolute() else base / out)
     return run

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import QLoraKitError
+from .errors import QLoraKitError, closest
 from .losses import IGNORE_INDEX
 
+# What chat templates render; only assistant turns are trained. Any other role is a typo or a format
+# the template would render as something the model never saw.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -49,18 +52,27 @@ class DataStats:
 
 
 def read_jsonl(path: str | Path, on_bad_line: str = "error", stats: DataStats | None = None) -> list[dict]:
-    """Records of a JSONL file; a malformed line is an error naming file and line (or skipped)."""
+    """Records of a JSONL file; a malformed line is an error naming file and line (or skipped).
+
+    A line that is not UTF-8 text is a malformed line like any other."""
     path = Path(path)
     stats = stats if stats is not None else DataStats()
     if not path.is_file():
         raise QLoraKitError(f"data file {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line, reason = None, (f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                      "save the file as UTF-8")
+            if line is not None and not line.strip():
                 continue
             stats.lines += 1
             try:
+                if line is None:
+                    raise QLoraKitError(reason)
                 record = json.loads(line)
                 example_kind(record)
             except (json.JSONDecodeError, QLoraKitError) as e:
@@ -86,6 +98,11 @@ def example_kind(record) -> str:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs):
             raise QLoraKitError("'messages' must be a non-empty list of {\"role\", \"content\"} strings")
+        unknown = [(i, m["role"]) for i, m in enumerate(msgs, 1) if m["role"] not in CHAT_ROLES]
+        if unknown:
+            i, role = unknown[0]
+            raise QLoraKitError(f"message {i} has role {role!r}{closest(role, CHAT_ROLES)}; chat roles are "
+                                f"{', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise QLoraKitError("a chat example needs at least one assistant message to train on")
         return "chat"

@@ -28,6 +28,7 @@ back the quantisation error the adapter learned around. The report measures both
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import shutil
@@ -42,10 +43,11 @@ import torch
 
 from .adapters import read_adapter, read_init
 from .errors import QLoraKitError, first_few
-from .io import atomic_dir
+from .io import (atomic_dir, check_free, check_replace, disk_full_as_error, human_bytes, refuse_overlap,
+                 unknown_entries)
 from .loading import build_empty_model, iter_safetensors, load_config, open_safetensors, safetensors_files
 from .lora import LoraConfig, lora_delta, linear_layer_names
-from .models import resolve_model_path
+from .models import model_location, resolve_model_path
 from .inits import residual
 from .quant import QuantConfig, as_dtype, dtype_name, roundtrip
 
@@ -72,7 +74,7 @@ def parse_size(value: int | str) -> int:
     unit = text[len(number):] or "B"
     try:
         size = int(float(number) * _SIZE_UNITS[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: 'inf'
         size = 0
     if size <= 0:
         raise QLoraKitError(f"max shard size {value!r} is not a size: write it like '2GB', '500MB' or '4GiB'")
@@ -96,7 +98,9 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     verify: reload the export with transformers (no missing or unexpected keys) and compare its logits
         with the adapter running on the quantised base; needs the model in fp32 in memory once.
     on_shard: called as on_shard(index, count, path) after each shard is written.
-    Writes atomically (`out` appears complete or not at all) and returns the report also saved as
+    Writes atomically: `out` appears complete and verified, or not at all. overwrite replaces only an
+    earlier qlora_kit export (a folder with its report.json), and only once the new one is complete;
+    `out` may never be, contain or lie inside `base` or `adapter`. Returns the report also saved as
     out/report.json and out/report.txt.
     """
     started = time.perf_counter()
@@ -105,29 +109,28 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         raise QLoraKitError(f"export dtype {dtype_name(dtype)} is not supported: use bf16, fp16 or fp32")
     shard_limit = parse_size(max_shard_size)
     out = Path(out)
+    check_export_target(out, base, adapter, overwrite)
     job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
-    if out.exists() and not overwrite:
-        raise QLoraKitError(f"{out} already exists: choose another folder or pass overwrite (--overwrite)")
     base, adapter, files, plan = job.base, job.adapter, job.files, job.plan
     shards = _shard(plan, dtype, shard_limit)
     out_bytes = sum(_nbytes(shape, _out_dtype(src, dtype)) for _, shape, src in plan)
     _check_disk(out, out_bytes)
 
     norms: dict[str, dict] = {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the export", DISK_ADVICE), \
+            atomic_dir(out, overwrite=overwrite) as tmp:
         source = job.merged_tensors(dtype, norms)
-        bar = _progress(len(plan), progress)
-        for index, entries in enumerate(shards):
-            name = _shard_name(index, len(shards))
-            with _ShardWriter(tmp / name, entries) as writer:
-                for key, _, _ in entries:
-                    src_key, tensor = next(source)
-                    assert src_key == key, (src_key, key)
-                    writer.write(key, tensor)
-                    bar.update(1)
-            if on_shard is not None:
-                on_shard(index, len(shards), tmp / name)
-        bar.close()
+        with _progress(len(plan), progress) as bar:
+            for index, entries in enumerate(shards):
+                name = _shard_name(index, len(shards))
+                with _ShardWriter(tmp / name, entries) as writer:
+                    for key, _, _ in entries:
+                        src_key, tensor = next(source)
+                        assert src_key == key, (src_key, key)
+                        writer.write(key, tensor)
+                        bar.update(1)
+                if on_shard is not None:
+                    on_shard(index, len(shards), tmp / name)
         if len(shards) > 1:
             weight_map = {key: _shard_name(i, len(shards)) for i, entries in enumerate(shards) for key, _, _ in entries}
             index_json = {"metadata": {"total_size": out_bytes}, "weight_map": weight_map}
@@ -150,6 +153,34 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.txt").write_text(format_report(report))
     return report
+
+
+# ---------------------------------------------------------------- where it may be written
+
+REPORT_KEYS = ("base", "adapter", "merge_into")
+
+
+def check_export_target(out: Path, base: str | Path, adapter: str | Path, overwrite: bool,
+                        ours: Callable[[Path], bool] | None = None, what: str = "") -> bool:
+    """Refuse an `out` that would destroy anything: the inputs, or something qlora_kit did not write.
+    True when `out` holds an earlier export that the new one will replace."""
+    refuse_overlap(out, {"base model folder": model_location(base), "adapter folder": adapter}, "--out")
+    return check_replace(out, overwrite, ours or is_export_folder,
+                         what or "a qlora_kit export (a folder with the exporter's report.json and nothing else)",
+                         folder=ours is None)
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A folder `export_merged` wrote: its report.json, and only the files an export holds."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict) or not all(k in report for k in REPORT_KEYS):
+        return False
+    patterns = ("model*.safetensors", "model.safetensors.index.json", "config.json", "report.json", "report.txt",
+                *SIDE_FILES)
+    return not unknown_entries(folder, lambda name: any(fnmatch.fnmatch(name, pat) for pat in patterns))
 
 
 # ---------------------------------------------------------------- what to merge
@@ -427,26 +458,13 @@ def _copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
                 shutil.copy2(f, out / f.name)
 
 
+DISK_ADVICE = "free some space, choose another --out, or export in bf16/fp16 instead of fp32"
+
+
 def _check_disk(out: Path, needed: int) -> None:
     """Fail before writing anything when the export cannot fit on the target disk."""
-    probe = out.parent.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed + DISK_MARGIN:
-        raise QLoraKitError(f"not enough disk space for the export: it needs {_human(needed + DISK_MARGIN)} "
-                            f"in {probe} but only {_human(free)} is free; free some space, choose another "
-                            "--out, or export in bf16/fp16 instead of fp32")
+    check_free(out.parent, needed, "the export", DISK_ADVICE, margin=DISK_MARGIN)
 
-
-def _human(n: int | float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def _progress(total: int, enabled: bool):
@@ -531,8 +549,8 @@ def format_report(report: dict) -> str:
                                                  if report["merge_into"] != report["requested_merge_into"] else ""),
         f"quant:      {report['quant']} [{report['quant_source']}]",
         f"written:    {report['tensors']} tensors, {report['adapted_modules']} merged with an adapter, "
-        f"{report['shards']} shard(s), {_human(report['out_bytes'])} in {report['dtype']} "
-        f"(base {_human(report['base_bytes'])})",
+        f"{report['shards']} shard(s), {human_bytes(report['out_bytes'])} in {report['dtype']} "
+        f"(base {human_bytes(report['base_bytes'])})",
     ]
     v = report.get("verify")
     if v is None:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from .errors import QLoraKitError
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """An empty prompt gives the model nothing to answer: refuse it instead of printing nothing."""
+    for i, prompt in enumerate(prompts, 1):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise QLoraKitError(f"prompt {i} is empty ({prompt!r}): give the text the model should answer or continue")
+
 
 def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
@@ -15,6 +24,7 @@ def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True) -> list[str]:
     """Greedy answers, one per prompt (the model is put in eval mode and left there)."""
+    check_prompts(prompts)
     model.eval()
     device = model.get_input_embeddings().weight.device
     answers = []

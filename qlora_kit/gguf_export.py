@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
 from .errors import QLoraKitError, closest, first_few
-from .export import MERGE_BASES, _check_disk, _human, _progress, _reference_logits, prepare_merge
+from .export import (DISK_ADVICE, DISK_MARGIN, MERGE_BASES, _check_disk, _progress, _reference_logits,
+                     check_export_target, prepare_merge)
+from .io import disk_full_as_error, human_bytes, sweep_stale, tmp_path
 from .models import resolve_model_path
 from .quant import QuantConfig
 
@@ -74,8 +75,8 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     out = Path(out)
     if out.suffix != ".gguf":
         raise QLoraKitError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
-    if out.exists() and not overwrite:
-        raise QLoraKitError(f"{out} already exists: choose another name or pass overwrite (--overwrite)")
+    check_export_target(out, base, adapter, overwrite, ours=is_gguf_export,
+                        what="a GGUF file qlora_kit wrote (it carries a qlora_kit.export key)")
     config = _read_config(resolve_model_path(base))
     job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
     arch = ARCHITECTURES[config["model_type"]]
@@ -87,47 +88,66 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     writer_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
-        for name, (shape, qtype, nbytes) in layout.values():
-            # the type is given raw; the numpy dtype only has to not be uint8 (which means "shape in bytes")
-            writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = _progress(len(layout), progress)
-        for key, tensor in job.merged_tensors(torch.float32):
-            if key not in layout:
-                continue
-            name, (shape, qtype, nbytes) = layout[key]
-            writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
-            bar.update(1)
-        bar.close()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        written_s = time.perf_counter() - started
-        report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
-                  "gguf_type": gguf_type, "architecture": arch, **job.summary(),
-                  "tensors": len(layout), "out_bytes": tmp.stat().st_size,
-                  "base_bytes": sum(f.stat().st_size for f in job.files),
-                  "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
-                                          if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
-                  "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
-                                "tokens": len(tokenizer["tokens"])},
-                  "verify": None}
-        if verify:
-            report["verify"] = verify_gguf(tmp, job)
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    sweep_stale(out.parent, out.name)
+    tmp = tmp_path(out)
+    marker = json.dumps({"adapter": str(job.adapter), "merge_into": job.merge_into, "gguf_type": gguf_type})
+    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE):
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
+            writer.add_string(MARKER_KEY, marker)
+            for name, (shape, qtype, nbytes) in layout.values():
+                # the type is given raw; the numpy dtype only has to not be uint8 (which means "shape in bytes")
+                writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with _progress(len(layout), progress) as bar:
+                for key, tensor in job.merged_tensors(torch.float32):
+                    if key not in layout:
+                        continue
+                    name, (shape, qtype, nbytes) = layout[key]
+                    writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
+                    bar.update(1)
+            writer.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            written_s = time.perf_counter() - started
+            report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
+                      "gguf_type": gguf_type, "architecture": arch, **job.summary(),
+                      "tensors": len(layout), "out_bytes": tmp.stat().st_size,
+                      "base_bytes": sum(f.stat().st_size for f in job.files),
+                      "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
+                                              if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
+                      "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
+                                    "tokens": len(tokenizer["tokens"])},
+                      "verify": None}
+            if verify:
+                report["verify"] = verify_gguf(tmp, job)
+            os.replace(tmp, out)
+        except BaseException:
+            try:
+                writer.close()  # on a full disk its last flush fails too
+            except OSError:
+                pass
+            tmp.unlink(missing_ok=True)
+            raise
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report
+
+
+MARKER_KEY = "qlora_kit.export"  # our own key in the file's metadata (llama.cpp ignores unknown keys)
+
+
+def is_gguf_export(path: Path) -> bool:
+    """A GGUF file `export_gguf` wrote: overwrite replaces only those."""
+    from gguf import GGUFReader
+
+    try:
+        return path.is_file() and MARKER_KEY in GGUFReader(path).fields
+    except Exception:  # not a GGUF file at all: the reader's errors are its own
+        return False
 
 
 # ---------------------------------------------------------------- what llama.cpp needs to know
@@ -366,8 +386,8 @@ def format_gguf_report(report: dict) -> str:
         f"base:       {report['base']}",
         f"adapter:    {report['adapter']} (r={report['lora']['r']}, alpha={report['lora']['alpha']}, "
         f"scale={report['lora']['scale']:.4g}), merged into the {report['merge_into']} base",
-        f"written:    {report['out']}: {report['tensors']} tensors, {_human(report['out_bytes'])} "
-        f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {_human(report['base_bytes'])})",
+        f"written:    {report['out']}: {report['tensors']} tensors, {human_bytes(report['out_bytes'])} "
+        f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {human_bytes(report['base_bytes'])})",
         f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre']}, "
         f"{report['tokenizer']['tokens']} tokens",
     ]

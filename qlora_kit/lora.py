@@ -75,6 +75,13 @@ class LoraConfig:
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
             raise QLoraKitError(f"LoRA targets={self.targets!r}: use 'all-linear', a list of suffixes, or a regex")
+        elif self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise QLoraKitError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}): use "
+                                    "'all-linear', a list of module-name suffixes such as [q_proj, v_proj], or a "
+                                    "regex over full module names such as '.*(q|v)_proj'") from None
         if self.dtype != "auto":
             self.dtype = as_dtype(self.dtype, "LoRA dtype")
 

@@ -59,16 +59,24 @@ def gguf_to_hf(gguf_path: str | Path, out: str | Path, dtype: str = "bfloat16") 
 
 def smollm2_path() -> Path:
     """A Hugging Face folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
-    out = cache_dir() / "SmolLM2-135M-Instruct"
+    out = model_location("smollm2")
     if not (out / "config.json").is_file():
         print(f"converting {SMOLLM2_GGUF} to safetensors in {out} (once, about 20 s)")
         gguf_to_hf(smollm2_gguf(), out)
     return out
 
 
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
 def resolve_model_path(name: str | Path) -> Path:
     """A model folder, or 'smollm2' for the packaged demo model (converted on first use)."""
-    return smollm2_path() if str(name).lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct") else Path(name)
+    return smollm2_path() if str(name).lower() in SMOLLM2_NAMES else Path(name)
+
+
+def model_location(name: str | Path) -> Path:
+    """Where `resolve_model_path(name)` is or will be, without converting anything."""
+    return cache_dir() / "SmolLM2-135M-Instruct" if str(name).lower() in SMOLLM2_NAMES else Path(name)
 
 
 # What a download keeps: weights as safetensors, configs, tokenizer files and remote code. Never

@@ -59,10 +59,14 @@ def save_tree(tree, folder: str | Path, name: str) -> None:
 
 
 def load_tree(folder: str | Path, name: str):
+    """The structure `save_tree` wrote; a missing, truncated or mismatched pair of files is a QLoraKitError."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
     try:
         tensors = load_file(str(folder / f"{name}.safetensors"))
         skeleton = json.loads((folder / f"{name}.json").read_text())
-    except (OSError, ValueError) as e:
-        raise QLoraKitError(f"checkpoint {folder} is incomplete or corrupt ({name}: {e})") from None
-    return _decode(skeleton, tensors)
+        return _decode(skeleton, tensors)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise QLoraKitError(f"checkpoint {folder} is incomplete or corrupt ({name}: {reason})") from None

@@ -4,9 +4,11 @@
 
 A run folder holds run.json (the config), metrics.jsonl, loss.png, checkpoints/step-N/ (adapter,
 optimiser, scheduler, RNG and data position, each written atomically; the last `keep_last` kept)
-and adapter/ (the final adapter, PEFT layout). `resume=True` continues from the newest checkpoint
-and ends with the same adapter as an uninterrupted run: the data order depends only on
-(seed, epoch), and every random state is restored.
+and adapter/ (the final adapter, PEFT layout); qlora_kit.runs says when one may be started, resumed
+or replaced. Nothing is written until training begins. `resume=True` continues from the newest
+checkpoint and ends with the same adapter as an uninterrupted run: the data order depends only on
+(seed, epoch), and every random state is restored. `overwrite=True` trains beside the old run and
+replaces it only when the new one has finished.
 
 Data-parallel runs go through accelerate (`accelerate launch`, or `torchrun` on CPU): each process
 takes every world-th micro-batch, and gradients are averaged across processes.
@@ -20,28 +22,29 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import read_adapter, save_adapter
+from .adapters import save_adapter
 from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
 from .fsdp import (decoder_layers, full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
                    optimizer_state, shard_model)
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
 from .lora import add_lora, lora_state_dict, trainable_parameters
 from .losses import causal_lm_loss
 from .models import resolve_model_path
-from .state import load_tree, save_tree
+from .runs import (Checkpoint, NonFiniteCheckpoint, RunPlan, latest_checkpoint, newest_readable, plan_run, run_folder,
+                   save_checkpoint)
 
 
 _STEP_DELAY = float(os.environ.get("QLORA_KIT_STEP_DELAY", "0") or 0)
@@ -149,42 +152,6 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _fingerprint(config: RunConfig) -> dict:
-    """What a checkpoint must agree on to be resumed into this run."""
-    return {"model": str(config.model.path), "quant": config.quant.__dict__, "r": config.lora.r,
-            "targets": config.lora.targets, "rslora": config.lora.rslora,
-            **({"init": config.lora.init} if config.lora.init != "default" else {})}
-
-
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; write run.json for a new run."""
-    meta = run_dir / "run.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not meta.is_file():
-            raise QLoraKitError(f"output folder {run_dir} is not empty and holds no qlora_kit run: choose another "
-                                "output.dir or pass --overwrite")
-        elif not resume:
-            raise QLoraKitError(f"output folder {run_dir} already holds a run: pass --resume to continue it or "
-                                "--overwrite to start again")
-        else:
-            old = json.loads(meta.read_text())
-            if old.get("fingerprint") != _fingerprint(config):
-                raise QLoraKitError(f"cannot resume {run_dir}: it was trained with model/LoRA settings "
-                                    f"{old.get('fingerprint')}, this config has {_fingerprint(config)}")
-            return
-    elif resume:
-        raise QLoraKitError(f"nothing to resume: {run_dir} holds no run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta, json.dumps({"config": config.to_dict(), "fingerprint": _fingerprint(config)}, indent=2))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_pos": random.getstate()[2]}
@@ -200,41 +167,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, adapter: dict, optim_state: dict, scheduler, keep_last: int,
-                    rng_states: list[dict], scaler: LossScaler | None = None) -> Path:
-    """Write checkpoints/step-N atomically: adapter, optimiser, scheduler, loss scale, step, one RNG state
-    per process."""
-    out = run_dir / "checkpoints" / f"step-{step:07d}"
-    with atomic_dir(out, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", tensors=adapter)
-        save_tree(optim_state, tmp, "optimizer")
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world": len(rng_states),
-                 **({"loss_scale": scaler.state_dict()} if scaler is not None and scaler.enabled else {})}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        for rank, rng in enumerate(rng_states):
-            save_tree(rng, tmp, f"rng-{rank}")
-    for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int, world: int, sharded: bool,
-                    scaler: LossScaler | None = None) -> int:
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state.get("world", 1) != world:
-        raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
-                            f"the same number (this run has {world})")
-    config, tensors, _ = read_adapter(ckpt / "adapter")
+def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, rank: int, sharded: bool,
+                       scaler: LossScaler | None = None) -> int:
+    """Put a checkpoint's state into this run's model, optimiser, scheduler, loss scale and RNG; its step."""
     current = lora_state_dict(model)
-    if set(tensors) != set(current) or any(tensors[k].shape != current[k].shape for k in current):
-        raise QLoraKitError(f"checkpoint {ckpt} holds adapters of another shape (r={config.r}) than this run's")
-    load_lora_state(model, tensors)
-    load_optimizer_state(optimizer, load_tree(ckpt, "optimizer"), sharded)
-    scheduler.load_state_dict(state["scheduler"])
+    if set(ckpt.adapter) != set(current) or any(ckpt.adapter[k].shape != current[k].shape for k in current):
+        raise QLoraKitError(f"checkpoint {ckpt.path} holds adapters of another shape (r={ckpt.lora.r}) than this run's")
+    load_lora_state(model, ckpt.adapter)
+    load_optimizer_state(optimizer, ckpt.optimizer, sharded)
+    scheduler.load_state_dict(ckpt.state["scheduler"])
     if scaler is not None and scaler.enabled:
-        scaler.load_state_dict(state.get("loss_scale"), ckpt)
-    _set_rng_state(load_tree(ckpt, f"rng-{rank}"))
-    return int(state["step"])
+        scaler.load_state_dict(ckpt.state.get("loss_scale"), ckpt.path)
+    _set_rng_state(ckpt.rng[rank])
+    return ckpt.step
+
+
+def _decided_on_main(accelerator, decide):
+    """Run `decide()` on the main process and give every process its result (or its error)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [decide()]
+        except QLoraKitError as e:
+            box = [e]
+    broadcast_object_list(box)
+    if isinstance(box[0], QLoraKitError):
+        raise box[0]
+    return box[0]
 
 
 def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
@@ -289,7 +252,6 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
     """Fine-tune with LoRA on a quantised base as `config` says (a RunConfig, a YAML file, or a dict
     with the YAML's sections); see the module docstring."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     if isinstance(config, dict):
         config = config_from_dict(config)
@@ -299,10 +261,10 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
     accelerator = Accelerator(cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    run_dir = Path(config.output.dir)
-    if main:
-        prepare_run_dir(run_dir, config, resume, overwrite)
-    accelerator.wait_for_everyone()
+    say = print if main else (lambda *_: None)
+    # What happens to output.dir is settled before anything is read, and nothing is written there
+    # until training begins: a bad data file or model costs no run folder.
+    plan = _decided_on_main(accelerator, lambda: plan_run(config, resume, overwrite))
     started = time.time()
 
     # Data first: a bad data file should fail before a model is loaded.
@@ -333,9 +295,8 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
         shard_model(model)
         loss_module = LossModule(model, t.loss_chunk_tokens)
         local, full = local_packed_bytes(model)
-        if main:
-            print(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
-                  "of packed 4/8-bit weights")
+        say(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
+            "of packed 4/8-bit weights")
     else:
         loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
     # After sharding: FSDP replaces each parameter by a sharded one, and the optimiser must hold those.
@@ -351,102 +312,142 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     start_step = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, rank, world, sharded, scaler)
+    if plan.mode == "resume":
+        ckpt = newest_readable(plan.dir, world, say)
+        start_step = restore_checkpoint(ckpt, model, optimizer, scheduler, rank, sharded, scaler)
     else:
         torch.manual_seed(t.seed + rank)  # dropout masks differ per process, reproducibly
-    if main:
-        print(f"qlora-kit: {model_path.name}, {trainable:,} trainable of {total_params:,} params "
-              f"({100 * trainable / total_params:.2f}%); data: {stats.summary()}; {total_steps} steps of "
-              f"{per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
+    say(f"qlora-kit: {model_path.name}, {trainable:,} trainable of {total_params:,} params "
+        f"({100 * trainable / total_params:.2f}%); data: {stats.summary()}; {total_steps} steps of "
+        f"{per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
 
-    metrics_path = run_dir / "metrics.jsonl"
-    history = _read_history(metrics_path, upto=start_step) if main else []
-    eval_before = None
-    if eval_set is not None and start_step == 0:
-        eval_before = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
-        history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
-    eval_after = eval_before
-
-    batches = microbatches(train_set, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
-    loss_module.train()
-    for step in range(start_step + 1, total_steps + 1):
-        tick, tokens, losses = time.time(), 0, []
-        for micro in range(t.grad_accum):
-            _, batch = next(batches)
-            batch = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-            sync = micro == t.grad_accum - 1
-            if sharded:
-                for layer in decoder_layers(model):
-                    layer.set_requires_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(loss_module):
-                loss, _ = loss_module(**batch)
-                accelerator.backward(scaler.scale(loss / t.grad_accum))
-            losses.append(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
-            _diverged(run_dir, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
-                               "step")
-        scaler.unscale(optimizer)
-        if t.max_grad_norm:
-            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        taken = scaler.step(optimizer)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            _diverged(run_dir, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
-                               f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
-                               "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
-                               "quant.compute_dtype: bf16 or fp32 if the hardware has it")
-        if taken and not all(bool(torch.isfinite(p).all()) for p in params):
-            _diverged(run_dir, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
-
-        elapsed = time.time() - tick
-        row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-               "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
-        if scaler.enabled:
-            row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
-        if eval_set is not None and (step % t.eval_every == 0 or step == total_steps):
-            eval_after = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
-            row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
-        history.append(row)
+    with run_folder(plan, config, main, say) as run_dir:
+        accelerator.wait_for_everyone()
+        metrics_path = run_dir / "metrics.jsonl"
+        history = _read_history(metrics_path, upto=start_step) if main and plan.mode == "resume" else []
+        eval_before = None
+        if eval_set is not None and start_step == 0:
+            eval_before = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
+            history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
+        eval_after = _loop(plan, model, loss_module, optimizer, scheduler, scaler, params, train_set, eval_set,
+                           tokenizer.pad_token_id, start_step, total_steps, history, accelerator, progress, config)
+        if eval_after is None:
+            eval_after = eval_before
+        adapter = full_lora_state(model)
         if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                        mem=f"{row['mem_mb']:.0f}MB", **({"skipped": scaler.skipped} if scaler.enabled else {}))
-        bar.update(1)
-        if _STEP_DELAY:
-            time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
-        if step % t.save_every == 0 or step == total_steps:
-            rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
-            adapter, optim_state = full_lora_state(model), optimizer_state(optimizer, sharded)
-            if main:
-                save_checkpoint(run_dir, step, model, adapter, optim_state, scheduler, t.keep_last, rng_states, scaler)
-            accelerator.wait_for_everyone()
-    bar.close()
-    if scaler.enabled and main:
-        print(f"qlora-kit: fp16 loss scaling skipped {scaler.skipped} of {total_steps} steps (overflow); "
-              f"final scale {scaler.scale_value:g}")
-
-    adapter_dir = run_dir / "adapter"
-    adapter = full_lora_state(model)
-    if main:
-        save_adapter(model, adapter_dir, extra={"steps": total_steps}, tensors=adapter)
-        plot_history(history, run_dir / "loss.png")
-    accelerator.wait_for_everyone()
-    result = TrainResult(run_dir, adapter_dir, total_steps, eval_before, eval_after, history, time.time() - started)
+            with disk_full_as_error(run_dir, _nbytes(adapter), "the final adapter", lambda: _disk_advice(plan)):
+                save_adapter(model, run_dir / "adapter", extra={"steps": total_steps}, tensors=adapter)
+                plot_history(history, run_dir / "loss.png")
+        accelerator.wait_for_everyone()
+    run_dir = plan.final
+    result = TrainResult(run_dir, run_dir / "adapter", total_steps, eval_before, eval_after, history,
+                         time.time() - started)
     if main and (config.output.export if export is None else export):
         from .export import export_merged  # the exporter streams from the base folder
-        export_merged(model_path, adapter_dir, run_dir / "merged", dtype=config.output.export_dtype, overwrite=True)
+        export_merged(model_path, run_dir / "adapter", run_dir / "merged", dtype=config.output.export_dtype,
+                      overwrite=True)
     return result
 
 
-def _diverged(run_dir: Path, what: str) -> None:
-    last = latest_checkpoint(run_dir)
+def _loop(plan: RunPlan, model, loss_module, optimizer, scheduler, scaler: LossScaler, params, train_set, eval_set,
+          pad_id: int, start_step: int, total_steps: int, history: list[dict], accelerator, progress: bool,
+          config: RunConfig) -> float | None:
+    """The optimiser steps from start_step + 1 to total_steps, with metrics, evals and checkpoints; the
+    last held-out loss measured (None when none was)."""
+    from accelerate.utils import gather_object
+
+    t = config.train
+    device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.is_main_process)
+    sharded = t.fsdp and world > 1
+    metrics_path = plan.dir / "metrics.jsonl"
+    eval_after = None
+    batches = microbatches(train_set, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
+    with tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+              disable=not (progress and main)) as bar:
+        loss_module.train()
+        for step in range(start_step + 1, total_steps + 1):
+            tick, tokens, losses = time.time(), 0, []
+            for micro in range(t.grad_accum):
+                _, batch = next(batches)
+                batch = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+                sync = micro == t.grad_accum - 1
+                if sharded:
+                    for layer in decoder_layers(model):
+                        layer.set_requires_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(loss_module):
+                    loss, _ = loss_module(**batch)
+                    accelerator.backward(scaler.scale(loss / t.grad_accum))
+                losses.append(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
+                _diverged(plan, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
+                                "step")
+            scaler.unscale(optimizer)
+            if t.max_grad_norm:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            taken = scaler.step(optimizer)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                _diverged(plan, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
+                                f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
+                                "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
+                                "quant.compute_dtype: bf16 or fp32 if the hardware has it")
+            if taken and not all(bool(torch.isfinite(p).all()) for p in params):
+                _diverged(plan, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
+
+            elapsed = time.time() - tick
+            row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
+            if scaler.enabled:
+                row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
+            if eval_set is not None and (step % t.eval_every == 0 or step == total_steps):
+                eval_after = evaluate(loss_module, eval_set, t.batch_size, pad_id, device, accelerator)
+                row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
+            history.append(row)
+            if main:
+                line = json.dumps(row) + "\n"
+                with disk_full_as_error(metrics_path, len(line), "metrics.jsonl", lambda: _disk_advice(plan)):
+                    with open(metrics_path, "a") as f:
+                        f.write(line)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['mem_mb']:.0f}MB", **({"skipped": scaler.skipped} if scaler.enabled else {}))
+            bar.update(1)
+            if _STEP_DELAY:
+                time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
+            if step % t.save_every == 0 or step == total_steps:
+                rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+                adapter, optim_state = full_lora_state(model), optimizer_state(optimizer, sharded)
+                if main:
+                    trainer_state = {"scheduler": scheduler.state_dict(),
+                                     **({"loss_scale": scaler.state_dict()} if scaler.enabled else {})}
+                    try:
+                        save_checkpoint(plan.dir, step, model, adapter, optim_state, trainer_state, t.keep_last,
+                                        rng_states, advice=lambda: _disk_advice(plan))
+                    except NonFiniteCheckpoint as e:
+                        _diverged(plan, str(e))
+                accelerator.wait_for_everyone()
+    if scaler.enabled and main:
+        print(f"qlora-kit: fp16 loss scaling skipped {scaler.skipped} of {total_steps} steps (overflow); "
+              f"final scale {scaler.scale_value:g}")
+    return eval_after
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in tensors.values())  # adapters are saved in fp32
+
+
+def _disk_advice(plan: RunPlan) -> str:
+    return f"free some space, then {plan.next_step()}"
+
+
+def _diverged(plan: RunPlan, what: str) -> None:
+    if plan.mode == "replace":
+        raise QLoraKitError(f"{what}. Nothing was replaced: the previous run in {plan.final} is as it was. Lower "
+                            "train.lr or check the data, then run again")
+    last = latest_checkpoint(plan.dir)
     raise QLoraKitError(f"{what}. Last good checkpoint: {last or 'none yet'}. Lower train.lr, check the data, or "
                         "resume from the checkpoint")
 
@@ -455,8 +456,13 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     """Metrics rows up to `upto` (a resumed run drops rows the interrupted run wrote after its checkpoint)."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] <= upto]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a row cut short by a kill or a full disk
+            continue
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -480,7 +486,7 @@ def plot_history(history: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".tmp-{out.name}")
-    fig.savefig(tmp, dpi=110, format="png")
+    png = BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, png.getvalue())

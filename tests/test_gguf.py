@@ -153,6 +153,12 @@ def test_failed_export_leaves_nothing_and_existing_file_is_kept(adapters, tmp_pa
     out.write_text("previous")
     with pytest.raises(QLoraKitError, match="already exists"):
         export_gguf(base, adapter, out, **QUIET)
+    with pytest.raises(QLoraKitError, match="is not a GGUF file qlora_kit wrote"):  # not ours: never replaced
+        export_gguf(base, adapter, out, overwrite=True, **QUIET)
+    assert out.read_text() == "previous"
+    out.unlink()
+    export_gguf(base, adapter, out, verify=False, **QUIET)
+    previous = out.read_bytes()
     calls = []
 
     def failing(w, qtype):
@@ -165,7 +171,7 @@ def test_failed_export_leaves_nothing_and_existing_file_is_kept(adapters, tmp_pa
     monkeypatch.setattr(gguf_export, "_encode", failing)
     with pytest.raises(OSError, match="disk gone"):
         export_gguf(base, adapter, out, overwrite=True, verify=False, **QUIET)
-    assert out.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert out.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -19,7 +19,9 @@ def register(sub) -> None:
                    help="dtype the base was cast to before it was quantised in training (default: the adapter's "
                         "record; for a PEFT adapter, the checkpoint's stored dtype, as transformers loads it)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, like 2GB, 500MB or 4GiB")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier qlora_kit export at OUT, once the new one is complete and verified "
+                        "(anything else at OUT, and the base or adapter folders, are never replaced)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export and comparing logits (needs the model in fp32 in memory)")
     p.set_defaults(func=run)

@@ -19,11 +19,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..generation import generate
+    from ..generation import check_prompts, generate
     from ..models import resolve_model_path
     from ..quant import QuantConfig
     from .. import load_adapter, load_model
 
+    check_prompts(args.prompt)  # before the model is loaded
     quant = None if args.bits == 16 else QuantConfig(bits=args.bits)
     model, tok = load_model(resolve_model_path(args.model), quant=quant, device=args.device)
     if args.adapter:

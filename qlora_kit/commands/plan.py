@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 GiB = 1024 ** 3
 
@@ -65,7 +66,7 @@ def run(args) -> int:
     from ..errors import QLoraKitError
     from ..plan import COMPONENTS
 
-    if args.gpu_gb is not None and args.gpu_gb <= 0:
+    if args.gpu_gb is not None and not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise QLoraKitError(f"--gpu-gb {args.gpu_gb:g}: give the card's memory in GB, e.g. --gpu-gb 24")
     plan = build_plan(args)
     gpus = gpu_table(plan, args.gpu_gb)
