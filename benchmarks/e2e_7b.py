@@ -5,9 +5,12 @@
 
 Each phase runs in a fresh child process; its wall time and peak RSS (the child's own ru_maxrss, from
 os.wait4) are recorded, and the checkpoint's pages are evicted from the page cache before it starts,
-so every load reads from disk.
+so every load reads from disk. Beside the peak: its anonymous and file-backed parts (RssAnon, RssFile)
+at the watchdog's highest sample, and both again when the phase's work has returned ("end"): file
+pages are the checkpoint's mapped pages, which the kernel can drop, anonymous ones are the model,
+activations and the interpreter.
 
-  ours/load    qlora_kit.load_model, NF4 + double quant, compute dtype 'auto'.
+  ours/load    qlora_kit.load_model, NF4 + double quant, compute dtype --compute-dtype ('auto').
   ours/train   qlora_kit.train from a config: batch 1 x --seq tokens, LoRA r16 alpha 32 dropout 0.05 on
                all linear layers, gradient checkpointing, paged 8-bit AdamW, --steps steps, no
                evaluation; ends by saving a checkpoint and the adapter (the "save" figures).
@@ -34,7 +37,8 @@ Predictions, printed before each of our phases and compared with the measured pe
   ours/export  not predicted (the planner plans training).
 
 Compute dtype: on a CPU without AVX512-BF16/AMX a bf16 matmul is emulated and >100x slower than fp32,
-so our 'auto' and the reference's default (--ref-compute-dtype) are fp32 on such machines.
+so our 'auto' and the reference's default (--ref-compute-dtype) are fp32 on such machines, bf16 on
+those with it. --compute-dtype float32 / bfloat16 forces our path either way (the plan follows).
 
 GEMM floor: with frozen base weights and per-block checkpointing a step multiplies by every linear
 weight three times (forward, recomputed forward, input gradient), 6 FLOPs per weight and token in
@@ -126,7 +130,7 @@ def run_config(spec: dict) -> dict:
     """The run, as the YAML file would say it."""
     return {
         "model": {"path": spec["model"]},
-        "quant": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+        "quant": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": spec["compute_dtype"]},
         "lora": {**LORA, "targets": "all-linear"},
         "data": {"train": spec["data"], "eval_fraction": 0.0, "max_seq_len": spec["seq"]},
         "train": {"max_steps": spec["steps"], "batch_size": BATCH, "optimizer": "paged_adamw_8bit",
@@ -141,7 +145,8 @@ def run_config(spec: dict) -> dict:
 def plan(spec: dict):
     from qlora_kit import LoraConfig, QuantConfig, plan_memory
 
-    return plan_memory(spec["model"], QuantConfig(), LoraConfig(**LORA), batch=BATCH, seq_len=spec["seq"],
+    quant = QuantConfig(compute_dtype=spec.get("compute_dtype", "auto"))
+    return plan_memory(spec["model"], quant, LoraConfig(**LORA), batch=BATCH, seq_len=spec["seq"],
                        gradient_checkpointing=True, optimizer="paged_adamw_8bit", device="cpu")
 
 
@@ -187,9 +192,10 @@ def child_ours_load(spec: dict) -> dict:
 
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    model, _ = load_model(spec["model"], quant=QuantConfig(), load_tokenizer=False, progress=False)
+    model, _ = load_model(spec["model"], quant=QuantConfig(compute_dtype=spec["compute_dtype"]),
+                          load_tokenizer=False, progress=False)
     return {"load_s": time.perf_counter() - start, "compute_dtype": str(model.quant_config.compute_dtype),
-            "rss_after_imports": imported}
+            "rss_after_imports": imported, **rss_parts("self", "end")}
 
 
 def child_ours_train(spec: dict) -> dict:
@@ -197,16 +203,17 @@ def child_ours_train(spec: dict) -> dict:
     from qlora_kit.quant import resolve_dtype
 
     result = train(run_config(spec), overwrite=True, progress=False)
+    end = rss_parts("self", "end")
     run = Path(spec["run_dir"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tokens = BATCH * spec["seq"]
     written = [f for d in (run / "checkpoints", result.adapter_dir) for f in d.rglob("*") if f.is_file()]
     adapter = sum(f.stat().st_size for f in result.adapter_dir.iterdir())
-    return {"compute_dtype": str(resolve_dtype("auto", "cpu")), "train_wall_s": result.wall_s,
+    return {"compute_dtype": str(resolve_dtype(spec["compute_dtype"], "cpu")), "train_wall_s": result.wall_s,
             "step_s": [tokens / r["tokens_per_s"] for r in rows], "loss": [r["loss"] for r in rows],
             "step_rss_mib": [r["mem_mb"] for r in rows], "adapter_bytes": adapter,
             # from the last metrics row to the last file written: the final checkpoint and the adapter
-            "save_s": max(f.stat().st_mtime for f in written) - (run / "metrics.jsonl").stat().st_mtime}
+            "save_s": max(f.stat().st_mtime for f in written) - (run / "metrics.jsonl").stat().st_mtime, **end}
 
 
 def child_ours_export(spec: dict) -> dict:
@@ -307,7 +314,7 @@ def child_prepare(spec: dict) -> dict:
     when none will be trained, the plan and the load prediction, and the machine's fast dtype."""
     import psutil
 
-    from qlora_kit.quant import fast_dtype
+    from qlora_kit.quant import fast_dtype, resolve_dtype
 
     shape = PRESETS[spec["preset"]]
     cache = Path(spec["cache"])
@@ -321,6 +328,7 @@ def child_prepare(spec: dict) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     return {"model": str(model), "adapter": str(adapter), "plan": memory_plan.to_dict(),
+            "compute_dtype": str(resolve_dtype(spec["compute_dtype"], "cpu")).removeprefix("torch."),
             "plan_summary": memory_plan.summary(), "load_prediction": predict_load(memory_plan, model),
             "linear_weights": linear_weights(model, memory_plan.trainable_parameters),
             "machine": {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
@@ -354,14 +362,15 @@ def child_main(phase: str, spec_path: str) -> None:
 
 # ---------------------------------------------------------------- the parent: measuring children
 
-def vm_rss(pid: int) -> int:
+def rss_parts(pid: int | str, suffix: str = "") -> dict:
+    """VmRSS, RssAnon and RssFile of a process in bytes (empty once it has gone); keys get `suffix`."""
+    names = {"VmRSS:": "rss", "RssAnon:": "rss_anon", "RssFile:": "rss_file"}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return {}
+    return {names[f[0]] + (f"_{suffix}" if suffix else ""): int(f[1]) * 1024
+            for f in (line.split() for line in lines) if f and f[0] in names}
 
 
 def measure(phase: str, spec: dict, spec_path: Path, cap_bytes: int, timeout: float | None) -> dict:
@@ -372,7 +381,7 @@ def measure(phase: str, spec: dict, spec_path: Path, cap_bytes: int, timeout: fl
     log_path = Path(spec["results_dir"]) / f"{phase}.log"
     result_path = Path(spec["results_dir"]) / f"{phase}.json"
     result_path.unlink(missing_ok=True)
-    stop, seen = threading.Event(), {"max_rss": 0, "killed": None}
+    stop, seen = threading.Event(), {"max_rss": 0, "at_max": {}, "killed": None}
     start = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen([sys.executable, __file__, "--child", phase, str(spec_path)],
@@ -380,8 +389,10 @@ def measure(phase: str, spec: dict, spec_path: Path, cap_bytes: int, timeout: fl
 
     def watch() -> None:
         while not stop.wait(0.5):
-            rss = vm_rss(child.pid)
-            seen["max_rss"] = max(seen["max_rss"], rss)
+            parts = rss_parts(child.pid)
+            rss = parts.get("rss", 0)
+            if rss > seen["max_rss"]:
+                seen["max_rss"], seen["at_max"] = rss, parts
             over = rss > cap_bytes
             late = timeout is not None and time.perf_counter() - start > timeout
             if (over or late) and not stop.is_set():
@@ -396,7 +407,8 @@ def measure(phase: str, spec: dict, spec_path: Path, cap_bytes: int, timeout: fl
     watcher.join()
     child.returncode = code = os.waitstatus_to_exitcode(status)
     out = {"wall_s": round(time.perf_counter() - start, 2),
-           "peak_rss": max(usage.ru_maxrss * 1024, seen["max_rss"]), "status": "ok"}
+           "peak_rss": max(usage.ru_maxrss * 1024, seen["max_rss"]), "status": "ok",
+           **{f"peak_{k}": v for k, v in seen["at_max"].items() if k != "rss"}}
     if seen["killed"]:
         out["status"] = seen["killed"]
     elif code != 0:
@@ -416,6 +428,7 @@ def describe(phase: str, r: dict) -> str:
     if r["status"] == "failed":
         return f"{phase}: FAILED after {r['wall_s']:.0f} s at {gib:.2f} GiB RSS:\n{r['log_tail'][-1500:]}"
     line = f"{phase}: peak RSS {gib:.2f} GiB, {r['wall_s']:.1f} s"
+    line += "".join(f"; {label} {r[k] / GIB:.2f} GiB" for k, label in RSS_LABELS.items() if k in r)
     if "predicted" in r:
         line += f"; planned {r['predicted'] / GIB:.2f} GiB, error {r['error']:+.1%}"
     if "rss_after_imports" in r:
@@ -434,9 +447,19 @@ def describe(phase: str, r: dict) -> str:
 
 # ---------------------------------------------------------------- report: table and figure
 
+RSS_LABELS = {"peak_rss_anon": "RssAnon at peak", "peak_rss_file": "RssFile at peak",
+              "rss_anon_end": "RssAnon at end", "rss_file_end": "RssFile at end"}
+
+
 def table(results: dict) -> str:
-    """One row per phase: predicted and measured peak (GiB), error, wall time, s/step, GEMM-floor ratio."""
-    head = ["phase", "predicted GiB", "measured GiB", "error", "wall s", "s/step", "x floor", "note"]
+    """One row per phase: predicted and measured peak (GiB), error, the peak's anonymous / file-backed
+    parts and the same at the phase's end (GiB), wall time, s/step, GEMM-floor ratio."""
+    head = ["phase", "predicted GiB", "measured GiB", "error", "anon/file at peak", "anon/file at end",
+            "wall s", "s/step", "x floor", "note"]
+
+    def split(r: dict, anon: str, file: str) -> str:
+        return f"{r[anon] / GIB:.2f}/{r[file] / GIB:.2f}" if anon in r and file in r else "-"
+
     rows = [head]
     for phase, r in results["phases"].items():
         note = {"ok": "", "rss_cap": "killed at RSS cap", "timeout": "timed out", "failed": "failed"}[r["status"]]
@@ -448,6 +471,7 @@ def table(results: dict) -> str:
                      f"{r['predicted'] / GIB:.2f}" if "predicted" in r else "-",
                      ("~" if r["status"] != "ok" else "") + f"{r['peak_rss'] / GIB:.2f}",
                      f"{r['error']:+.1%}" if "error" in r else "-",
+                     split(r, "peak_rss_anon", "peak_rss_file"), split(r, "rss_anon_end", "rss_file_end"),
                      f"{r['wall_s']:.1f}",
                      f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-",
                      f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-", note])
@@ -507,8 +531,9 @@ def plot(results: dict, out: Path) -> None:
     ax.set_xticks(range(len(groups)), [g[0] for g in groups])
     ax.set_ylabel("peak RSS (GiB)")
     m = results["machine"]
+    ours = s.get("compute_dtype", m["fast_dtype"])
     ax.set_title(f"{results['preset']} preset: batch {BATCH} x seq {s['seq']}, {s['steps']} steps; "
-                 f"{m['cpus']} CPUs, {m['memory_gib']:g} GiB; compute {m['fast_dtype']} (ours), "
+                 f"{m['cpus']} CPUs, {m['memory_gib']:g} GiB; compute {ours} (ours), "
                  f"{s['ref_compute_dtype']} (usual recipe)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -529,6 +554,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rss-cap-gib", type=float, default=21.0, help="kill any phase above this RSS")
     ap.add_argument("--ref-timeout", type=float, default=3600.0, help="seconds before a reference phase is stopped")
+    ap.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="our compute dtype (load, plan, train); 'auto' is this CPU's fast dtype")
     ap.add_argument("--ref-compute-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: this CPU's fast dtype (float32 without AVX512-BF16/AMX)")
     ap.add_argument("--ref-optimizer", choices=["paged_adamw_8bit", "adamw"], default="paged_adamw_8bit")
@@ -547,6 +574,7 @@ def main() -> None:
     run_dir = out / "run"
     spec = {"preset": args.preset, "cache": str(args.cache.resolve()), "vocab": shape["vocab"], "seq": args.seq,
             "steps": args.steps, "threads": args.threads, "run_dir": str(run_dir),
+            "compute_dtype": args.compute_dtype,
             "random_adapter": "ours-train" not in phases and not (run_dir / "adapter" / "adapter_config.json").exists(),
             "data": str(write_data(out / "data" / "train.jsonl", token_rows(shape["vocab"], args.seq, args.steps * BATCH))),
             "export_dir": str(out / "merged-ours"), "merge_dir": str(out / "merged-ref"),
@@ -562,15 +590,18 @@ def main() -> None:
     info = prepared["machine"]
     ref_dtype = args.ref_compute_dtype or info["fast_dtype"]
     model = Path(prepared["model"])
+    ours_dtype = prepared["compute_dtype"]
     spec.update(model=str(model), adapter=prepared["adapter"], ref_dtype=ref_dtype,
-                gemm_dtypes=sorted({info["fast_dtype"], ref_dtype}))
+                gemm_dtypes=sorted({ours_dtype, ref_dtype}))
     spec_path.write_text(json.dumps(spec, indent=2))
-    print(f"machine: {info['cpus']} CPUs ({info['cpu']}), {info['memory_gib']} GiB; our compute dtype "
-          f"{info['fast_dtype']} ('auto'), the reference's {ref_dtype}", flush=True)
+    print(f"machine: {info['cpus']} CPUs ({info['cpu']}), {info['memory_gib']} GiB, fast dtype "
+          f"{info['fast_dtype']}; our compute dtype {ours_dtype} ({args.compute_dtype!r}), the reference's "
+          f"{ref_dtype}", flush=True)
     if spec["random_adapter"] and {"ours-export", "ref-merge"} & set(phases):
         print(f"no trained adapter in {run_dir}: merging the random one in {spec['adapter']}")
     results = {"preset": args.preset, "shape": shape, "machine": info, "model": str(model),
                "settings": {"seq": args.seq, "steps": args.steps, "batch": BATCH, "lora": LORA,
+                            "compute_dtype": ours_dtype,
                             "optimizer": "paged_adamw_8bit", "ref_optimizer": args.ref_optimizer,
                             "ref_compute_dtype": ref_dtype, "threads": args.threads,
                             "rss_cap_gib": args.rss_cap_gib, "ref_timeout_s": args.ref_timeout},
