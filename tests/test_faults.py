@@ -670,3 +670,25 @@ def test_output_dir_is_relative_to_the_yaml_file(tmp_path, monkeypatch):
     cfg = load_config(Path("configs/run.yaml"))
     assert cfg.output.dir == str(Path("configs") / "runs" / "x") and cfg.data.train == str(Path("configs/d.jsonl"))
     assert load_config(Path("configs/run.yaml"), {"output.dir": "/abs/run"}).output.dir == "/abs/run"
+
+
+def test_replacing_without_an_atomic_exchange_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is missing, the swap is two renames; nothing is left behind."""
+    import qlora_kit.io as kio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(kio, "_exchange", lambda a, b: False)
+    with kio.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_a_full_disk_is_recognised_in_safetensors_words_too():
+    from qlora_kit.io import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
