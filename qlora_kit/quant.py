@@ -229,7 +229,8 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(qweight.data, requires_grad=False)
         self.out_features, self.in_features = qweight.shape
         self.compute_dtype = resolve_dtype(qweight.config.compute_dtype, qweight.device)
-        self.bias = None if bias is None else nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
+        # a copy, never a view of the caller's tensor (which may be a page of a mapped checkpoint file)
+        self.bias = None if bias is None else nn.Parameter(bias.to(self.compute_dtype, copy=True), requires_grad=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, config: QuantConfig, bias: torch.Tensor | None = None,
