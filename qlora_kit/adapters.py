@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import QLoraKitError, first_few
-from .io import atomic_dir, check_replace, refuse_overlap, unknown_entries
+from .io import atomic_dir, check_replace, disk_full_as_error, refuse_overlap, unknown_entries
 from .inits import CHANGES_BASE, INIT_FILE, SourceWeights, init_tensors, quant_matches, rebuild_base, split_init_tensors
 from .lora import LoraConfig, add_lora, lora_layers, lora_state_dict
 from .quant import QuantLinear, as_dtype
@@ -77,7 +77,9 @@ def save_adapter(model: nn.Module, out: str | Path, dtype: torch.dtype | str | N
         info["init"] = {"name": config.init, "seed": config.seed, "iters": config.init_iters, "file": INIT_FILE,
                         "base": "quant(W - scale * offset.B @ offset.A) per module; W from the base model folder"}
     cfg = peft_config_dict(config, list(layers), base, info)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in [*tensors.values(), *init.values()])
+    with disk_full_as_error(out.parent, needed, f"the adapter {out}", "free some space or choose another folder"), \
+            atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if init:
             save_file({k: v.contiguous() for k, v in init.items()}, str(tmp / INIT_FILE), metadata={"format": "pt"})
@@ -258,7 +260,9 @@ def to_plain_lora(path: str | Path, out: str | Path, overwrite: bool = False) ->
     extra["converted_from"] = {"adapter": str(path), "init": config.init}
     cfg = peft_config_dict(plain, ours.get("modules") or sorted(states), raw.get("base_model_name_or_path"), extra)
     cfg["target_modules"] = raw.get("target_modules")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in merged.values())
+    with disk_full_as_error(out.parent, needed, f"the adapter {out}", "free some space or choose another folder"), \
+            atomic_dir(out, overwrite=overwrite) as tmp:
         save_file({PEFT_PREFIX + k: v for k, v in merged.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return Path(out)

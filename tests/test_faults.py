@@ -692,3 +692,21 @@ def test_a_full_disk_is_recognised_in_safetensors_words_too():
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_disk_full_while_saving_an_adapter(tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, _ = load_model(tiny_dir, quant=FP32, load_tokenizer=False, **QUIET)
+    add_lora(model, LoraConfig(r=4))
+    save_adapter(model, tmp_path / "a")
+    before = snapshot(tmp_path / "a")
+
+    def full(*_, **__):
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    message = api_error(save_adapter, model, tmp_path / "a")
+    assert message.startswith(f"not enough disk space for the adapter {tmp_path / 'a'}: it needs 28.2 KiB in ")
+    assert message.endswith("is free; free some space or choose another folder")
+    assert snapshot(tmp_path / "a") == before and [p.name for p in tmp_path.iterdir()] == ["a"]
