@@ -710,3 +710,18 @@ def test_disk_full_while_saving_an_adapter(tiny_dir, tmp_path, monkeypatch):
     assert message.startswith(f"not enough disk space for the adapter {tmp_path / 'a'}: it needs 28.2 KiB in ")
     assert message.endswith("is free; free some space or choose another folder")
     assert snapshot(tmp_path / "a") == before and [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_ctrl_c_hint_before_any_checkpoint_and_while_replacing(run_copy, tmp_path):
+    from argparse import Namespace
+
+    from qlora_kit.commands.train import interrupted_hint
+
+    run, config, _ = run_copy
+    args = Namespace(config=str(config), set=["train.lr=1e-3", "output.dir=my run"])
+    assert interrupted_hint(args, tmp_path / "fresh", replacing=False) == (
+        f"no checkpoint was written yet; to start again: qlora-kit train {config} --set train.lr=1e-3 "
+        "--set 'output.dir=my run'")
+    assert interrupted_hint(args, run, replacing=True) == (
+        f"nothing was replaced: the previous run in {run} is as it was; to start the new run again: qlora-kit train "
+        f"{config} --set train.lr=1e-3 --set 'output.dir=my run' --overwrite")
