@@ -395,7 +395,7 @@ def _loop(plan: RunPlan, model, loss_module, optimizer, scheduler, scaler: LossS
                                 f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
                                 "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
                                 "quant.compute_dtype: bf16 or fp32 if the hardware has it")
-            if taken and not all(bool(torch.isfinite(p).all()) for p in params):
+            if taken and not _all_finite(params, accelerator):
                 _diverged(plan, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
 
             elapsed = time.time() - tick
@@ -441,6 +441,15 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def _disk_advice(plan: RunPlan) -> str:
     return f"free some space, then {plan.next_step()}"
+
+
+def _all_finite(params: list[nn.Parameter], accelerator) -> bool:
+    """Whether every adapter weight is finite in every process (a sharded process checks its own shard,
+    and all of them agree, so none stops alone)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    if accelerator.num_processes > 1:
+        bad = int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum"))
+    return bad == 0
 
 
 def _diverged(plan: RunPlan, what: str) -> None:
