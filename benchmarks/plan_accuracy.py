@@ -1,12 +1,21 @@
-"""How close `plan_memory` comes to the peak memory of real training steps on this CPU.
+"""How close `plan_memory` comes to the peak memory of real training steps on this CPU, per compute dtype.
 
-For each model size and sequence length, a fresh child process loads a random-init Llama folder
-4-bit (NF4 + double quant, fp32 compute by default), adds LoRA to every linear layer, turns on gradient checkpointing and
-runs two steps (causal_lm_loss, backward, optimiser step), as the trainer does. The child resets
-the kernel's resident-memory high-water mark (VmHWM) after loading, so the figure is the peak of
-the training steps, not of the load. The parent prints predicted vs measured and writes JSON.
+For each compute dtype (fp32, bf16 and fp16 by default), model size and sequence length, a fresh
+child process loads a random-init Llama folder 4-bit (NF4 + double quant) with that compute dtype,
+adds LoRA to every linear layer, turns on gradient checkpointing and runs two steps (causal_lm_loss,
+backward, optimiser step), as the trainer does. The child resets the kernel's resident-memory
+high-water mark (VmHWM) after loading, so the figure is the peak of the training steps, not of the
+load. The parent prints one table per dtype, predicted vs measured, and writes JSON.
 
-    python benchmarks/plan_accuracy.py [--json out.json] [--quick]
+A dtype this CPU multiplies slowly (emulated: fp16 on most CPUs, bf16 without AVX512-BF16 or AMX)
+runs on the smallest model and the two shorter sequences only, unless --full is given: an emulated
+16-bit GEMM runs at about 1 GFLOP/s, and the memory it needs does not depend on its speed.
+
+The overhead terms the plan fits (qlora_kit.plan: CPU_INTERPRETER_BYTES, CPU_STEP_RUNTIME_BYTES) are
+printed as this run measures them: the resident set before the steps minus the static bytes, and
+the step's peak minus the tensors the plan counts for it.
+
+    python benchmarks/plan_accuracy.py [--dtypes fp32,bf16,fp16] [--full] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
@@ -26,9 +35,13 @@ SIZES = {  # hidden -> (intermediate, layers, heads, kv heads); vocab 32000 thro
     1024: (2816, 4, 16, 4),
     1536: (4096, 4, 24, 8),
 }
-SEQ_LENS = (128, 512)
+# 128 and 512 tokens: the loss (one chunk of logits) is the peak; 2048: the loss runs in 4 chunks
+# and, with fp32 compute, a decoder block's backward pass is the peak instead.
+SEQ_LENS = (128, 512, 2048)
 BATCH = 2
 VOCAB = 32000
+DTYPES = ("fp32", "bf16", "fp16")
+MiB = 2 ** 20
 
 
 def vm_hwm() -> int:
@@ -41,6 +54,32 @@ def vm_rss() -> int:
 
 def reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the instruction sets that decide which dtypes are fast."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = re.search(r"model name\s*:\s*(.+)", info)
+    flag_line = re.search(r"flags\s*:\s*(.+)", info)
+    flags = set(flag_line.group(1).split()) if flag_line else set()
+    sets = [s for s in ("avx512_bf16", "amx_bf16", "avx512_fp16", "avx512f", "avx2") if s in flags]
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        kind = "AVX512-BF16"
+    else:
+        kind = "AVX512" if "avx512f" in flags else "AVX2-only"
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, {kind} ({' '.join(sets)})"
+
+
+def fast_dtypes() -> set[str]:
+    """Compute dtypes this CPU multiplies at full speed: fp32, and bf16 where 'auto' picks it."""
+    import torch
+
+    from qlora_kit.quant import fast_dtype
+
+    return {"fp32"} | ({"bf16"} if fast_dtype("cpu") == torch.bfloat16 else set())
 
 
 def make_model(folder: Path, hidden: int) -> Path:
@@ -99,7 +138,8 @@ def child(folder: str, seq_len: int, optimizer: str, dtype: str) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"peak_rss": vm_hwm(), "rss_before_steps": rss_before, "seconds": time.perf_counter() - start}
+    return {"peak_rss": vm_hwm(), "rss_before_steps": rss_before, "seconds": time.perf_counter() - start,
+            "compute_dtype": str(model.get_input_embeddings().weight.dtype)}
 
 
 def predict(folder: Path, seq_len: int, optimizer: str, dtype: str):
@@ -109,55 +149,95 @@ def predict(folder: Path, seq_len: int, optimizer: str, dtype: str):
     return plan_memory(folder, quant, lora, batch=BATCH, seq_len=seq_len, optimizer=optimizer, device="cpu")
 
 
+def measure(folder: Path, hidden: int, seq: int, optimizer: str, dtype: str) -> dict:
+    """One child run and its prediction, as a row of the table."""
+    from qlora_kit.plan import CPU_STEP_RUNTIME_BYTES
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, "--optimizer", optimizer, "--child", str(folder), str(seq), dtype],
+                         capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        sys.exit(f"child failed for {dtype}, hidden {hidden}, seq {seq}:\n{out.stderr[-3000:]}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    plan = predict(folder, seq, optimizer, dtype)
+    c = plan.components
+    static = c["quantized_weights"] + c["quant_constants"] + c["unquantized_weights"] + c["adapters"]
+    step_tensors = c["adapter_grads"] + c["optimizer_state"] + c["activations"] + c["logits_loss"]
+    step_pred = step_tensors + CPU_STEP_RUNTIME_BYTES
+    step_meas = measured["peak_rss"] - measured["rss_before_steps"]
+    return {"dtype": dtype, "hidden": hidden, "seq_len": seq, "batch": BATCH, "optimizer": optimizer,
+            "predicted": plan.total, "measured": measured["peak_rss"], "error": plan.total / measured["peak_rss"] - 1,
+            "predicted_step": step_pred, "measured_step": step_meas, "step_error": step_pred / step_meas - 1,
+            "rss_before_steps": measured["rss_before_steps"], "seconds": measured["seconds"],
+            "fitted_interpreter": measured["rss_before_steps"] - static,
+            "fitted_step_runtime": step_meas - step_tensors,
+            "peak_phase": plan.notes[0], "compute_dtype": measured["compute_dtype"], "components": c}
+
+
+def summary(rows: list[dict]) -> dict:
+    errors = [abs(r["error"]) for r in rows]
+    return {"runs": rows, "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors),
+            "interpreter_mib": [round(r["fitted_interpreter"] / MiB) for r in rows],
+            "step_runtime_mib": [round(r["fitted_step_runtime"] / MiB) for r in rows]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qlora_kit_plan_bench"),
                     help="where the random model folders are written (kept for reruns)")
     ap.add_argument("--optimizer", default="paged_adamw_8bit", choices=["paged_adamw_8bit", "adamw"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="compute dtype; fp32 by default because CPUs without AVX512-BF16 run bf16 matmuls "
-                         "hundreds of times slower (the planner models both)")
-    ap.add_argument("--quick", action="store_true", help="smallest size only")
-    ap.add_argument("--child", nargs=2, metavar=("FOLDER", "SEQ"), help=argparse.SUPPRESS)
+    ap.add_argument("--dtypes", default=",".join(DTYPES),
+                    help="compute dtypes to measure, comma-separated (fp32, bf16, fp16); each gets its own table")
+    ap.add_argument("--full", action="store_true",
+                    help="the whole grid for every dtype, also those this CPU emulates (slow: hours for fp16)")
+    ap.add_argument("--quick", action="store_true", help="smallest size and the two shorter sequences only")
+    ap.add_argument("--child", nargs=3, metavar=("FOLDER", "SEQ", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.optimizer, args.dtype)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.optimizer, args.child[2])))
         return
+    from qlora_kit.plan import CPU_INTERPRETER_BYTES, CPU_STEP_RUNTIME_BYTES
+    from qlora_kit.quant import as_dtype, dtype_name, fast_dtype
 
-    rows = []
-    sizes = list(SIZES)[:1] if args.quick else list(SIZES)
-    print(f"{'hidden':>6} {'seq':>5} {'batch':>5} {'predicted':>10} {'measured':>10} {'error':>7}"
-          f" {'pred. step':>10} {'meas. step':>10} {'error':>7}   (MiB; 'step' = peak minus RSS before the steps)")
-    for hidden in sizes:
-        folder = make_model(Path(args.cache) / f"llama-h{hidden}", hidden)
-        for seq in SEQ_LENS:
-            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-            out = subprocess.run([sys.executable, __file__, "--optimizer", args.optimizer, "--dtype", args.dtype,
-                                  "--child", str(folder), str(seq)],
-                                 capture_output=True, text=True, env=env, check=False)
-            if out.returncode:
-                sys.exit(f"child failed for hidden {hidden}, seq {seq}:\n{out.stderr[-3000:]}")
-            measured = json.loads(out.stdout.strip().splitlines()[-1])
-            plan = predict(folder, seq, args.optimizer, args.dtype)
-            c = plan.components
-            step_pred = c["adapter_grads"] + c["optimizer_state"] + c["activations"] + c["logits_loss"]
-            step_meas = measured["peak_rss"] - measured["rss_before_steps"]
-            row = {"hidden": hidden, "seq_len": seq, "batch": BATCH, "optimizer": args.optimizer, "dtype": args.dtype,
-                   "predicted": plan.total, "measured": measured["peak_rss"],
-                   "error": plan.total / measured["peak_rss"] - 1,
-                   "predicted_step": step_pred, "measured_step": step_meas, "step_error": step_pred / step_meas - 1,
-                   "rss_before_steps": measured["rss_before_steps"], "seconds": measured["seconds"],
-                   "components": c}
-            rows.append(row)
-            print(f"{hidden:>6} {seq:>5} {BATCH:>5} {plan.total / 2**20:>10.0f} {measured['peak_rss'] / 2**20:>10.0f}"
-                  f" {row['error']:>+7.1%} {step_pred / 2**20:>10.0f} {step_meas / 2**20:>10.0f} {row['step_error']:>+7.1%}",
-                  flush=True)
-    worst = max(abs(r["error"]) for r in rows)
-    mean = sum(abs(r["error"]) for r in rows) / len(rows)
-    print(f"total peak RSS: mean |error| {mean:.1%}, worst {worst:.1%} over {len(rows)} runs")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        as_dtype(d)  # a clear error for a misspelt name, before any child runs
+    fast = fast_dtypes()
+    cpu = cpu_kind()
+    print(f"CPU: {cpu}; compute_dtype 'auto' = {dtype_name(fast_dtype('cpu'))}")
+    print(f"batch {BATCH}, NF4 + double quant, LoRA r16 on all linear layers, dropout 0.05, gradient checkpointing, "
+          f"{args.optimizer}; MiB; 'step' = peak minus RSS before the steps")
+    results = {}
+    for dtype in dtypes:
+        quick = args.quick or (dtype not in fast and not args.full)
+        sizes = list(SIZES)[:1] if quick else list(SIZES)
+        seqs = SEQ_LENS[:2] if quick else SEQ_LENS
+        note = "" if not quick or args.quick else " (emulated on this CPU: smallest model, shorter sequences only)"
+        print(f"\n{dtype} compute{note}")
+        print(f"{'hidden':>6} {'seq':>5} {'predicted':>10} {'measured':>10} {'error':>7}"
+              f" {'pred. step':>10} {'meas. step':>10} {'error':>7}  peak")
+        rows = []
+        for hidden in sizes:
+            folder = make_model(Path(args.cache) / f"llama-h{hidden}", hidden)
+            for seq in seqs:
+                row = measure(folder, hidden, seq, args.optimizer, dtype)
+                rows.append(row)
+                print(f"{hidden:>6} {seq:>5} {row['predicted'] / MiB:>10.0f} {row['measured'] / MiB:>10.0f}"
+                      f" {row['error']:>+7.1%} {row['predicted_step'] / MiB:>10.0f} {row['measured_step'] / MiB:>10.0f}"
+                      f" {row['step_error']:>+7.1%}  {row['peak_phase'].removeprefix('peak ')}", flush=True)
+        results[dtype] = summary(rows)
+        s = results[dtype]
+        print(f"{dtype}: mean |error| {s['mean_abs_error']:.1%}, worst {s['max_abs_error']:.1%} over {len(rows)} runs; "
+              f"fitted terms as measured here: interpreter {min(s['interpreter_mib'])}-{max(s['interpreter_mib'])} MiB "
+              f"(plan {CPU_INTERPRETER_BYTES // MiB}), step runtime {min(s['step_runtime_mib'])}-"
+              f"{max(s['step_runtime_mib'])} MiB (plan {CPU_STEP_RUNTIME_BYTES // MiB})")
+    print("\nsummary (" + cpu + "):")
+    for dtype, s in results.items():
+        print(f"  {dtype:>5}: mean |error| {s['mean_abs_error']:.1%}, worst {s['max_abs_error']:.1%} "
+              f"over {len(s['runs'])} runs")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows, "mean_abs_error": mean, "max_abs_error": worst}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "paths": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """How much memory a QLoRA run needs, computed from the model's config before anything is loaded.
 
-Two kinds of numbers live here. Static bytes (quantised weights and their constants, unquantised
+Three kinds of numbers live here. Static bytes (quantised weights and their constants, unquantised
 weights, adapters, their gradients, optimiser state) are exact: they repeat, tensor for tensor, what
-`load_model`, `add_lora` and the optimisers allocate. Dynamic bytes (activations, logits, framework
-overhead) follow a model of what stays alive during a step, checked against real steps on CPU
-(benchmarks/plan_accuracy.py) and against published figures (tests/test_plan.py).
+`load_model`, `add_lora` and the optimisers allocate. Dynamic bytes (activations, logits and their
+temporaries, the dequantised weight) are derived from the shapes and the compute dtype: they follow
+the tensors a step really creates, read off with saved-tensor hooks and a live-tensor counter
+(tests/test_plan.py), for fp32, bf16 and fp16 alike. Only the framework overhead is fitted or
+assumed: on CPU, the interpreter's resident memory and what a step adds besides tensors, fitted on
+fp32, bf16 and fp16 runs (benchmarks/plan_accuracy.py); on CUDA, the context and the caching
+allocator's margin, assumed until a GPU measures them.
 
 What stays alive with per-block, non-reentrant gradient checkpointing:
   * every decoder block's input hidden state (batch x seq x hidden, compute dtype);
   * during the backward pass, one block recomputed with everything its backward needs, plus the
     gradients flowing through it;
-  * the chunked loss (losses.py): one chunk of fp32 logits, its log-softmax and their gradients.
+  * the chunked loss (losses.py): fp32 logits of a chunk or two, logsumexp's fp32 scratch, and the
+    hidden-sized tensors around the head.
 Without checkpointing every block keeps its internals from the forward pass to the backward pass.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,19 +51,26 @@ GPUS = {
 }
 
 
-# Framework overhead (the assumptions behind the `overhead` line):
-# CPU: the Python interpreter with torch, transformers and bitsandbytes imported and their thread
-#   pools and kernels warmed up, as resident memory (560 MiB), plus glibc's heap keeping freed step
-#   tensors resident, taken as 50% of the bytes that come and go; both calibrated with
-#   benchmarks/plan_accuracy.py on this project's CPU machines.
-# CUDA: the CUDA context, cuBLAS workspaces and loaded kernels (about 0.5 GiB with lazy module
-#   loading, CUDA >= 11.7), plus the caching allocator's fragmentation, taken as 20% of the bytes
-#   that come and go during a step (activations and logits); weights are allocated once and do not
-#   fragment.
-CPU_INTERPRETER_BYTES = 560 * MiB
+# Framework overhead (the `overhead` line); the only terms here that are not derived from shapes.
+# CPU, fitted with benchmarks/plan_accuracy.py on fp32, bf16 and fp16 runs (AVX512-BF16 EPYC, torch
+#   2.13, glibc's mmap threshold fixed at 1 MiB by qlora_kit.memory), the same within 10 MiB on
+#   every path:
+#   - the interpreter with torch, transformers and bitsandbytes imported, and what loading leaves
+#     besides the model's tensors (heap, kernel code paged in): resident set after `load_model`
+#     minus the static bytes, 397-405 MiB over 3 model sizes;
+#   - what a training step adds besides tensors (heap of small blocks, more kernel code, BLAS
+#     buffers): peak RSS minus RSS before the steps minus the step's tensors, 34-64 MiB.
+#   Freed step tensors of 1 MiB and more leave the resident set at once under that threshold, so
+#   the CPU plan has no fragmentation term. (The 560 MiB + 50% of the step's bytes used before
+#   were fitted before the threshold was fixed, when glibc kept freed blocks resident.)
+# CUDA, assumed, not yet measured (scripts/gpu_check.sh will): the CUDA context, cuBLAS workspaces
+#   and loaded kernels (about 0.5 GiB with lazy module loading, CUDA >= 11.7), plus the caching
+#   allocator's fragmentation, taken as 20% of the bytes that come and go during a step
+#   (activations and logits); weights are allocated once and do not fragment.
+CPU_INTERPRETER_BYTES = 400 * MiB
+CPU_STEP_RUNTIME_BYTES = 40 * MiB
 CUDA_CONTEXT_BYTES = 512 * MiB
 CUDA_FRAGMENTATION = 0.20
-CPU_FRAGMENTATION = 0.50
 
 # bitsandbytes' 8-bit optimisers keep fp32 state for tensors smaller than this (min_8bit_size),
 # quantise the rest in blocks of 256 with one fp32 absmax per block and state, and share two
@@ -275,12 +288,13 @@ def optimizer_bytes(param_sizes: list[int], optimizer: str) -> int:
 
 
 def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
-    """Bytes per token that one decoder block keeps for its backward pass (its internals).
+    """Bytes per token that one decoder block keeps for its backward pass, besides its input.
 
     Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
     QuantLinear saves no input (its weight is frozen and dequantised again in backward), so what is
     saved is the norms' fp32 inputs, the LoRA branches' inputs, attention's q/k/v/output/logsumexp,
-    and the MLP's gate, act(gate) and up outputs."""
+    and the MLP's gate, act(gate) and up outputs. With fp32 compute the first norm's fp32 input is
+    the block's input itself, not a copy."""
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     ab = torch.finfo(lora.dtype).bits // 8
@@ -306,7 +320,8 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
             return (1 + ab) * width
         return cb * width if not dropout and ab == cb else 0
 
-    total = shape.norms_per_layer * (4 * h + 4)         # RMSNorm keeps its fp32 input and 1/rms
+    copied_norm_inputs = shape.norms_per_layer - (1 if cb == 4 else 0)
+    total = copied_norm_inputs * 4 * h + shape.norms_per_layer * 4   # RMSNorm's fp32 input and 1/rms
     total += shared(("q_proj", "k_proj", "v_proj"), h) + sum(branch(s, h) for s in ("q_proj", "k_proj", "v_proj"))
     total += cb * (2 * q + 2 * kv) + 4 * shape.heads    # rotated q, k; v; attention output; logsumexp
     if shape.qk_norm:
@@ -319,20 +334,66 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
     return total
 
 
-def _block_backward_transient_per_token(shape: ModelShape, cb: int) -> float:
-    """Gradients alive at once while one block runs backward: the residual stream's gradient,
-    the MLP's (gate, up, product) gradients and a norm's fp32 gradient."""
-    return 2 * cb * shape.hidden + 3 * cb * shape.intermediate + 8 * shape.hidden
+def _block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) -> int:
+    """Bytes that one block's adapters save whatever the tokens: each B scaled (and cast) for the
+    forward pass, and each A cast to the adapter dtype where that is not fp32."""
+    ab = torch.finfo(lora.dtype).bits // 8
+    total = 0
+    for name, a, b, _ in shape.linears():
+        if name.rsplit(".", 1)[-1] in targeted:
+            total += ab * lora.r * b + (ab * lora.r * a if ab != 4 else 0)
+    return total
+
+
+def _block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: QuantConfig | None,
+                              checkpointed: bool) -> int:
+    """The most that one block's backward pass creates at once, on top of what the block saved.
+
+    Counted with a live-tensor counter (tests/test_plan.py). Two moments compete. The MLP's: with
+    checkpointing, while the up projection's input gradient is computed (the gradients of act(gate)
+    and up, the gate projection's input gradient and the residual stream's, the dequantised weight
+    and the matmul's output), everything the block saved is still alive, because LoRA's
+    shared-dropout slot holds the recomputed down_proj input and with it the recomputed graph;
+    without checkpointing the saved tensors go as their backward runs, so the peak comes earlier,
+    in down_proj's backward. One weight exists dequantised at a time (the largest), in the compute
+    dtype; LLM.int8 makes an fp32 copy first, gone before the matmul writes its output. And the
+    post-attention RMSNorm's moment, whose backward runs in fp32: five fp32 temporaries of the
+    hidden size and the residual gradient. The MLP wins with fp32 compute, the norm often with 16-bit."""
+    h, i = shape.hidden, shape.intermediate
+    if checkpointed:
+        grads, out = (2 * cb * i + 2 * cb * h) * tokens, cb * h * tokens
+    else:
+        grads, out = (cb * i + cb * h) * tokens, cb * i * tokens
+    largest = max(a * b for _, a, b, _ in shape.linears())
+    weight = 0 if quant is None else cb * largest
+    int8_copy = 4 * largest if quant is not None and quant.bits == 8 and cb != 4 else 0
+    mlp = grads + weight + max(out, int8_copy)
+    norm = (5 * 4 * h + cb * h) * tokens
+    return max(mlp, norm)
+
+
+def _shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str], tokens: int) -> int:
+    """The dropped input that LoRA's shared-dropout slot still holds after a block's forward pass
+    (qlora_kit.lora keeps the last one, for siblings that read the same input): the input of the
+    block's last adapter, in the adapter dtype. With checkpointing it outlives the block."""
+    if lora.dropout == 0 or not lora.shared_dropout:
+        return 0
+    ab = torch.finfo(lora.dtype).bits // 8
+    last = [a for name, a, _, _ in shape.linears() if name.rsplit(".", 1)[-1] in targeted][-1]
+    return ab * last * tokens
 
 
 def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
-    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head): one chunk's fp32
-    logits, turned into softmax - one_hot in place, logsumexp's fp32 scratch, and with a 16-bit
-    compute dtype the head's own output and the probabilities cast back (8 or 12 bytes per logit);
-    plus the input gradient it keeps for backward (the size of the final hidden states)."""
+    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head), whatever the compute
+    dtype: a chunk's fp32 logits (a 16-bit head output is cast and freed before anything else is
+    allocated), logsumexp's fp32 scratch of the same size, and from the second chunk on the
+    previous chunk's probabilities, still referenced while the next chunk's logits are made: 8 bytes
+    per logit with one chunk, 4 + 8 with more. Plus the input gradient it keeps for backward (the
+    size of the final hidden states)."""
     chunk = min(chunk_tokens, tokens)
-    per_logit = 8 if cb == 4 else 8 + 2 * cb
-    return per_logit * chunk * shape.vocab + cb * tokens * shape.hidden
+    sizes = [chunk] + ([min(chunk, tokens - chunk)] if tokens > chunk else [])
+    logits = max(8 * sizes[0], 4 * sizes[0] + 8 * sizes[-1] if len(sizes) > 1 else 0)
+    return logits * shape.vocab + cb * tokens * shape.hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +464,7 @@ class MemoryPlan:
     def summary(self) -> str:
         """One line for logs: the model, the settings that matter and the total."""
         s, c = self.settings, self.components
-        quant = "bf16" if s["quant"] is None else (
+        quant = s.get("compute_dtype", "bf16") if s["quant"] is None else (
             f"{s['quant']['quant_type']}{'+dq' if s['quant']['double_quant'] else ''}" if s["quant"]["bits"] == 4 else "int8")
         static = self.total - c["activations"] - c["logits_loss"] - c["overhead"]
         return (f"memory plan: {self.model} {quant} r{s['r']} batch {s['batch']} x seq {s['seq_len']}"
@@ -414,19 +475,22 @@ class MemoryPlan:
 
 def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(), lora: LoraConfig | None = None,
                 batch: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
-                optimizer: str = "paged_adamw_8bit", device: str = "cuda", chunk_tokens: int = 1024) -> MemoryPlan:
+                optimizer: str = "paged_adamw_8bit", device: str = "cuda", chunk_tokens: int = 1024,
+                dtype: torch.dtype | str | None = None) -> MemoryPlan:
     """Plan the memory of a QLoRA training step.
 
     model_or_config: a preset name ('llama-3.1-8b'), a model folder or config.json, a config dict or
     transformers config, or a loaded model. The other arguments are the run's settings, as the
-    loader, `add_lora`, the optimiser and `causal_lm_loss` take them. device 'cuda' adds the CUDA
+    loader, `add_lora`, the optimiser and `causal_lm_loss` take them; dtype, as `load_model`'s,
+    defaults to quant.compute_dtype ('auto': the device's fast dtype). device 'cuda' adds the CUDA
     context and allocator overhead; 'cpu' adds the interpreter's resident memory.
     """
     lora = lora or LoraConfig()
     shape = resolve_shape(model_or_config)
     if device not in ("cuda", "cpu"):
         raise QLoraKitError(f"device={device!r}: plan for 'cuda' or 'cpu'")
-    cdtype = resolve_dtype(quant.compute_dtype if quant is not None else "auto", device)
+    cdtype = resolve_dtype(dtype if dtype is not None else (quant.compute_dtype if quant is not None else "auto"),
+                           device)
     if quant is not None:
         quant = replace(quant, compute_dtype=cdtype)
     if lora.dtype == "auto":  # adapters compute in the model's dtype, as add_lora does
@@ -454,33 +518,40 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     targeted = {name.rsplit(".", 1)[-1] for name, *_ in chosen}
 
     tokens = batch * seq_len
-    per_block = _block_saved_per_token(shape, lora, targeted, cb)
-    ab = torch.finfo(lora.dtype).bits // 8
-    cast_weights = (ab * trainable // shape.layers) if ab != 4 else 0   # adapters cast to bf16 per block
-    transient = _block_backward_transient_per_token(shape, cb) * tokens
-    largest = max(a * b for _, a, b, _ in shape.linears())
-    dequant = largest * (cb if quant is None or quant.bits == 4 else 4 + cb)   # one weight dequantised at a time
-    residual = cb * shape.hidden * tokens
-    rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables
-    final_norm = (4 + cb) * shape.hidden * tokens + cb * shape.hidden * tokens   # fp32 norm input, output, loss copy
+    h = shape.hidden
+    per_block = _block_saved_per_token(shape, lora, targeted, cb) * tokens + _block_constants(shape, lora, targeted)
+    residual = cb * h * tokens
+    rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables   # cos and sin, shared by the blocks
+    transient = _block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
+    # Around the head: the final norm's fp32 input and its output, the loss's copy of the positions
+    # it scores (the input gradient is in _loss_bytes).
+    final_norm = (4 + 2 * cb) * h * tokens
     # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
     # one: the peak is what stays alive throughout plus the larger of those two phases.
     if gradient_checkpointing:
         kept = shape.layers * residual + rotary
-        block_phase = per_block * tokens + cast_weights + transient
+        block_phase = per_block + transient
+        # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
+        # still holds its graph's embedding output and one gradient of the same size; and the
+        # shared-dropout slot holds the last block's dropped input.
+        around_loss = 2 * residual + _shared_dropout_bytes(shape, lora, targeted, tokens)
     else:
-        kept = shape.layers * (per_block * tokens + cast_weights) + rotary
+        # Each block's first norm saves its fp32 input (with fp32 compute the block's input itself,
+        # which per_block leaves out), except the first block's: its input needs no gradient.
+        norm_inputs = (shape.layers - 1) * 4 * h * tokens if cb == 4 else -4 * h * tokens
+        kept = shape.layers * per_block + norm_inputs + rotary
         block_phase = transient
+        around_loss = 0
     logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
-    loss_peak = final_norm + logits >= block_phase
-    activations = int(kept + dequant + (final_norm if loss_peak else block_phase))
+    loss_peak = around_loss + final_norm + logits >= block_phase
+    activations = int(kept + (around_loss + final_norm if loss_peak else block_phase))
     logits = logits if loss_peak else 0
 
     dynamic = activations + logits
     if device == "cuda":
         overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * dynamic)
     else:
-        overhead = CPU_INTERPRETER_BYTES + int(CPU_FRAGMENTATION * dynamic)
+        overhead = CPU_INTERPRETER_BYTES + CPU_STEP_RUNTIME_BYTES
 
     components = {
         "quantized_weights": qbytes, "quant_constants": qconst, "unquantized_weights": unquant,
@@ -488,20 +559,27 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         "optimizer_state": optimizer_bytes(sizes, optimizer),
         "activations": activations, "logits_loss": logits, "overhead": overhead,
     }
-    notes = [f"peak during the backward pass of {'the loss (head + cross-entropy)' if loss_peak else 'a decoder block'}"]
+    peak = "while the loss runs (head + cross-entropy)" if loss_peak else "during a decoder block's backward pass"
+    notes = [f"peak {peak}"]
     if shape.family not in _FAMILIES:
         notes.append(f"model_type {shape.family!r} is planned as a Llama-style decoder (q/k/v/o, gate/up/down)")
     if optimizer.startswith("paged") and device == "cuda":
         notes.append("paged optimiser state is counted on the GPU; under pressure it pages out to CPU RAM")
+    if device == "cuda":
+        notes.append("the CUDA overhead (context, allocator margin) is assumed, not yet measured on a GPU")
+    elif os.environ.get("QLORA_KIT_MALLOC_THRESHOLD", "").strip() == "0":
+        notes.append("QLORA_KIT_MALLOC_THRESHOLD=0: glibc keeps freed step tensors resident, which this plan "
+                     "does not count (on a 1024-wide Llama: 2308 MiB instead of 1171; see qlora_kit.memory)")
     settings = {
         "quant": None if quant is None else quant.to_dict(), "r": lora.r, "alpha": lora.alpha,
+        "compute_dtype": dtype_name(cdtype),
         "targets": lora.targets, "dropout": lora.dropout, "adapter_dtype": dtype_name(lora.dtype),
         "batch": batch, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
         "optimizer": optimizer, "device": device, "chunk_tokens": chunk_tokens,
     }
     inputs = dict(model_or_config=shape, quant=quant, lora=lora, batch=batch, seq_len=seq_len,
                   gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, device=device,
-                  chunk_tokens=chunk_tokens)
+                  chunk_tokens=chunk_tokens, dtype=cdtype)
     return MemoryPlan(shape.name, settings, components, shape.parameters(), trainable, notes, inputs)
 
 

@@ -1,18 +1,42 @@
 """The memory planner: exact static bytes against tensors really allocated, the activation model
-against the tensors autograd really saves, published figures, bad input, and the CLI."""
+against the tensors autograd really saves and a step really creates, the loss's peak against the
+resident set, for fp32, bf16 and fp16 compute; published figures, bad input, and the CLI.
 
+Every test names its compute dtype: 'auto' is bf16 on a CPU with AVX512-BF16 and fp32 on an
+AVX2-only one, so a test relying on it would check something different on each."""
+
+import gc
 import json
+import re
+import weakref
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from qlora_kit import LoraConfig, QLoraKitError, QuantConfig, add_lora, check_fits, load_model, plan_memory
+from qlora_kit import (LoraConfig, QLoraKitError, QuantConfig, add_lora, check_fits, load_model, plan_memory,
+                       set_gradient_checkpointing)
 from qlora_kit.cli import main
 from qlora_kit.lora import lora_layers
-from qlora_kit.plan import GiB, PRESETS, _block_saved_per_token, quantized_bytes, resolve_shape
+from qlora_kit.losses import causal_lm_loss, chunked_lm_loss
+from qlora_kit.plan import (GiB, PRESETS, ModelShape, _block_constants, _block_saved_per_token, _loss_bytes,
+                            quantized_bytes, resolve_shape)
 from qlora_kit.quant import QuantizedWeight, QuantLinear
 
 SHAPE = dict(hidden=128, intermediate=176, heads=4, kv_heads=2)   # q_proj's A (32 x 128) is 8-bit-optimiser sized
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+BF16 = QuantConfig(compute_dtype=torch.bfloat16)   # the published figures' runs compute in bf16
+# 4-bit and 8-bit settings, without the compute dtype (each test names its own)
+QUANTS = {"nf4-dq": {}, "nf4": dict(double_quant=False), "fp4-dq": dict(quant_type="fp4"), "int8": dict(bits=8),
+          "unquantised": None}
+
+
+def quant_config(kind: str, dtype: torch.dtype) -> QuantConfig | None:
+    return None if QUANTS[kind] is None else QuantConfig(compute_dtype=dtype, **QUANTS[kind])
 
 
 def nbytes(tensors) -> int:
@@ -37,35 +61,41 @@ def allocated(model) -> dict[str, int]:
     }
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-tied", "mistral"])
-@pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig(double_quant=False), QuantConfig(quant_type="fp4"),
-                                   QuantConfig(bits=8), None], ids=["nf4-dq", "nf4", "fp4-dq", "int8", "bf16"])
-def test_static_bytes_equal_what_load_model_and_add_lora_allocate(tiny_dirs, arch, quant):
-    model, _ = load_model(tiny_dirs(arch, **SHAPE), quant, load_tokenizer=False, progress=False)
+@pytest.mark.parametrize("kind", list(QUANTS))
+def test_static_bytes_equal_what_load_model_and_add_lora_allocate(tiny_dirs, arch, kind, dtype):
+    quant = quant_config(kind, dtype)
+    model, _ = load_model(tiny_dirs(arch, **SHAPE), quant, dtype=dtype, load_tokenizer=False, progress=False)
+    assert model.get_input_embeddings().weight.dtype == dtype
     lora = LoraConfig(r=32, targets=["q_proj", "v_proj", "down_proj"] if arch == "mistral" else "all-linear")
     add_lora(model, lora)
-    plan = plan_memory(model, quant, lora, device="cpu")
+    plan = plan_memory(model, quant, lora, device="cpu", dtype=dtype)
+    assert plan.settings["compute_dtype"] == str(dtype).removeprefix("torch.")
     for key, value in allocated(model).items():
         assert plan.components[key] == value, key
     assert plan.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(88, 64), (100, 30), (7, 9), (4096, 1000)])
-@pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig(double_quant=False), QuantConfig(blocksize=128),
-                                   QuantConfig(bits=8)], ids=["dq", "no-dq", "block128", "int8"])
-def test_quantised_bytes_follow_bitsandbytes_block_counts(shape, quant):
-    q = QuantizedWeight(torch.randn(*shape, dtype=torch.bfloat16), quant)
+@pytest.mark.parametrize("kind", ["nf4-dq", "nf4", "fp4-dq", "int8"])
+def test_quantised_bytes_follow_bitsandbytes_block_counts(shape, kind, dtype):
+    """The loader quantises the weight cast to the compute dtype; the stored bytes do not depend on it."""
+    quant = quant_config(kind, dtype)
+    q = QuantizedWeight(torch.randn(*shape).to(dtype), quant)
     packed, constants = quantized_bytes(shape[0] * shape[1], shape[0], quant)
     assert packed == nbytes(q.tensors()[:1]) and constants == q.nbytes() - packed
+    assert q.dequantize(dtype).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"])
-def test_gradient_and_optimiser_bytes_equal_a_real_step(tiny_dirs, optimizer):
+def test_gradient_and_optimiser_bytes_equal_a_real_step(tiny_dirs, optimizer, dtype):
     import bitsandbytes as bnb
 
-    from qlora_kit.losses import causal_lm_loss
-
-    model, _ = load_model(tiny_dirs("qwen2", **SHAPE), QuantConfig(), load_tokenizer=False, progress=False)
+    quant = QuantConfig(compute_dtype=dtype)
+    model, _ = load_model(tiny_dirs("qwen2", **SHAPE), quant, load_tokenizer=False, progress=False)
     lora = LoraConfig(r=32)
     add_lora(model, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,8 +106,9 @@ def test_gradient_and_optimiser_bytes_equal_a_real_step(tiny_dirs, optimizer):
     with pytest.warns(UserWarning) if optimizer.startswith("paged") else _nothing():
         causal_lm_loss(model, ids, ids)[0].backward()
         opt.step()
-    plan = plan_memory(model, QuantConfig(), lora, optimizer=optimizer, device="cpu")
+    plan = plan_memory(model, quant, lora, optimizer=optimizer, device="cpu")
     assert plan.components["adapter_grads"] == nbytes(p.grad for p in params)
+    assert {p.grad.dtype for p in params} == {torch.float32}   # master weights and their gradients stay fp32
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert plan.components["optimizer_state"] == nbytes(state)
     if "8bit" in optimizer:   # both paths of bitsandbytes' min_8bit_size are exercised
@@ -92,13 +123,16 @@ class _nothing:
         return False
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dropout,targets", [(0.05, "all-linear"), (0.0, "all-linear"), (0.05, ["q_proj", "v_proj"]),
                                              (0.0, ["o_proj", "down_proj"])])
-def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, targets):
-    """The per-token bytes one block saves for backward, counted with saved-tensor hooks (within 5%)."""
+def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, targets, dtype):
+    """What one block saves for backward, counted with saved-tensor hooks: the per-token bytes times
+    the tokens, plus the adapters' scaled and cast weights and the rotary tables it is handed (1%)."""
     shape = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, layers=1)
-    model, _ = load_model(tiny_dirs(arch, **shape), QuantConfig(), load_tokenizer=False, progress=False)
+    model, _ = load_model(tiny_dirs(arch, **shape), QuantConfig(compute_dtype=dtype), load_tokenizer=False,
+                          progress=False)
     lora = LoraConfig(r=16, dropout=dropout, targets=targets)
     add_lora(model, lora).train()
     batch, seq = 2, 96
@@ -113,13 +147,145 @@ def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](x, attention_mask=None, position_embeddings=rotary, position_ids=pos)
-    # each branch also saves its scaled copy of B (r x out): a per-block constant, not per token
-    scaled_b = sum(m.lora_B.weight.numel() * torch.finfo(m.dtype).bits // 8 for m in lora_layers(model).values())
-    measured = (sum(saved.values()) - nbytes([x]) - scaled_b) / (batch * seq)
+    outside = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
+    measured = sum(n for ptr, n in saved.items() if ptr not in outside)
     targeted = {n.rsplit(".", 1)[-1] for n in lora_layers(model)}
-    cb = model.get_input_embeddings().weight.element_size()  # the resolved compute dtype
-    predicted = _block_saved_per_token(resolve_shape(model), model.lora_config, targeted, cb)
-    assert predicted == pytest.approx(measured, rel=0.05)
+    shape = resolve_shape(model)
+    cb = torch.finfo(dtype).bits // 8
+    predicted = (_block_saved_per_token(shape, model.lora_config, targeted, cb) * batch * seq
+                 + _block_constants(shape, model.lora_config, targeted) + nbytes(rotary))
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+class PeakLiveTensors(TorchDispatchMode):
+    """The peak bytes of tensor storages that ops create while the mode is on and that are still
+    alive, counted when each op returns (what a kernel allocates and frees inside itself is not
+    seen). Storages in `known` (weights, gradients) are left out."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known, self.live, self.now, self.peak, self.counting = known, {}, 0, 0, True
+
+    def _freed(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if storage.nbytes() and ptr not in self.live and ptr not in self.known:
+                    self.live[ptr] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self._freed, ptr)
+        if self.counting:
+            self.peak = max(self.peak, self.now)
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind,checkpointing", [("nf4-dq", True), ("int8", True), ("unquantised", True),
+                                                ("nf4-dq", False)],
+                         ids=["nf4-dq-ckpt", "int8-ckpt", "unquantised-ckpt", "nf4-dq-no-ckpt"])
+def test_block_phase_matches_the_tensors_a_step_creates(tiny_dirs, kind, checkpointing, dtype):
+    """A small-vocabulary model peaks in a decoder block's backward pass; the plan's activations
+    are the tensors alive then, counted over a second step while the first step's loss is still
+    referenced (as in the trainer). Within 4% (the plan takes the larger of two moments of the
+    block's backward and keeps everything the block saved alive through both)."""
+    folder = tiny_dirs("llama", hidden=256, intermediate=704, heads=4, kv_heads=2, layers=2)
+    quant = quant_config(kind, dtype)
+    model, _ = load_model(folder, quant, dtype=dtype, load_tokenizer=False, progress=False)
+    lora = LoraConfig(r=16, dropout=0.05)
+    add_lora(model, lora)
+    set_gradient_checkpointing(model, checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 320, (2, 128))
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    known |= {t.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, QuantLinear)
+              for t in m.qweight.tensors()}
+    with PeakLiveTensors(known) as live:
+        live.counting = False
+        loss, _ = causal_lm_loss(model, ids, ids)
+        loss.backward()
+        for p in params:   # the gradients are static bytes of the plan: from now on they only accumulate
+            live.known.add(p.grad.untyped_storage().data_ptr())
+            live._freed(p.grad.untyped_storage().data_ptr())
+        live.counting = True
+        loss, _ = causal_lm_loss(model, ids, ids)
+        loss.backward()
+    plan = plan_memory(model, quant, lora, batch=2, seq_len=128, gradient_checkpointing=checkpointing,
+                       device="cpu", dtype=dtype)
+    assert "decoder block" in plan.notes[0] and plan.components["logits_loss"] == 0
+    assert plan.components["activations"] == pytest.approx(live.peak, rel=0.04)
+
+
+def _hwm_resettable() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not _hwm_resettable(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("positions", [250, 400, 700], ids=["1-chunk", "2-chunks", "3-chunks"])
+def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
+    """The chunked loss's peak, as the kernel counts it (the resident set's high-water mark, with
+    freed blocks of 1 MiB and more returned at once, as load_model arranges): fp32 logits and
+    logsumexp's fp32 scratch, plus the previous chunk's probabilities from the second chunk on,
+    whatever the compute dtype. Within 5%."""
+    from qlora_kit.memory import return_freed_memory
+
+    return_freed_memory()
+    vocab, hidden, chunk = 32000, 16, 256
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    states = torch.randn(1, positions + 1, hidden, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, positions + 1))
+    gc.collect()
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    total, n = chunked_lm_loss(head, states, labels, chunk_tokens=chunk)
+    total.backward()
+    peak = _status("VmHWM") - before
+    assert n == positions and states.grad.dtype == dtype
+    shape = ModelShape("loss", "llama", hidden, 4 * hidden, 1, 1, 1, hidden, vocab)
+    cb = torch.finfo(dtype).bits // 8
+    predicted = _loss_bytes(shape, positions, chunk, cb) + cb * positions * hidden   # and the scored positions' copy
+    assert predicted == pytest.approx(peak, rel=0.05)
+
+
+def test_auto_compute_dtype_follows_the_hardware_probe(monkeypatch):
+    """'auto' on CPU is bf16 where the CPU multiplies bf16 fast, else fp32; the plan follows it."""
+    import qlora_kit.quant
+
+    for fast, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(qlora_kit.quant, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        auto = plan_memory("llama-2-7b", QuantConfig(), batch=2, seq_len=1024, device="cpu")
+        named = plan_memory("llama-2-7b", QuantConfig(compute_dtype=dtype), batch=2, seq_len=1024, device="cpu")
+        assert auto.settings["compute_dtype"] == named.settings["compute_dtype"] == str(dtype).removeprefix("torch.")
+        assert auto.components == named.components
+
+
+def test_16_bit_compute_halves_what_scales_with_the_compute_dtype():
+    """fp32 against bf16: the same packed weights, adapters and optimiser state; twice the
+    unquantised weights (but for the fp32 rotary frequencies) and hidden states; bf16 and fp16
+    plan the same bytes."""
+    plans = {d: plan_memory("llama-2-7b", QuantConfig(compute_dtype=d), batch=1, seq_len=512, device="cpu")
+             for d in DTYPES}
+    fp32, bf16, fp16 = (plans[d].components for d in DTYPES)
+    assert bf16 == fp16
+    for key in ("quantized_weights", "quant_constants", "adapters", "adapter_grads", "optimizer_state", "overhead"):
+        assert fp32[key] == bf16[key], key
+    assert fp32["unquantized_weights"] == pytest.approx(2 * bf16["unquantized_weights"], rel=1e-6)
+    assert bf16["activations"] < fp32["activations"] < 2 * bf16["activations"]
 
 
 def test_preset_parameter_counts_match_transformers():
@@ -149,28 +315,29 @@ def test_presets_have_their_published_sizes(preset, billions):
 def _torchtune_llama31():   # torchtune README: Llama 3.1 8B QLoRA, one RTX 4090, batch 2, packed seq 2048:
     # 7.4 GiB peak. Its recipe: r8 alpha16 on q,k,v,o + MLP, dropout 0, NF4 (block 64, scalers 256),
     # activation checkpointing, torch AdamW, bf16.
-    return plan_memory("llama-3.1-8b", QuantConfig(), LoraConfig(r=8, alpha=16, dropout=0.0), batch=2,
+    return plan_memory("llama-3.1-8b", BF16, LoraConfig(r=8, alpha=16, dropout=0.0), batch=2,
                        seq_len=2048, optimizer="adamw").total
 
 
 def _torchtune_llama31_lora():   # the same README's bf16 LoRA (no quantisation): 16.2 GiB
     return plan_memory("llama-3.1-8b", None, LoraConfig(r=8, alpha=16, dropout=0.0), batch=2,
-                       seq_len=2048, optimizer="adamw").total
+                       seq_len=2048, optimizer="adamw", dtype=torch.bfloat16).total
 
 
 def _litgpt(quant):   # LitGPT docs, Llama-2-7B LoRA: its finetune defaults, micro-batch 4, Alpaca at 256
     # tokens, r8 on query and value only, dropout 0.05, no activation checkpointing, AdamW.
     return plan_memory("llama-2-7b", quant, LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]),
-                       batch=4, seq_len=256, gradient_checkpointing=False, optimizer="adamw").total
+                       batch=4, seq_len=256, gradient_checkpointing=False, optimizer="adamw",
+                       dtype=torch.bfloat16).total
 
 
 def _llama_factory(preset):   # LLaMA-Factory table: QLoRA 4-bit, its defaults: r8 all-linear, batch 1,
     # cutoff 1024, gradient checkpointing, AdamW.
-    return plan_memory(preset, QuantConfig(), LoraConfig(r=8), batch=1, seq_len=1024, optimizer="adamw").total
+    return plan_memory(preset, BF16, LoraConfig(r=8), batch=1, seq_len=1024, optimizer="adamw").total
 
 
 def _guanaco_footprint(preset):   # QLoRA paper, Guanaco memory footprint (4-bit base + r64 adapters)
-    return plan_memory(preset, QuantConfig(), LoraConfig(r=64)).weights
+    return plan_memory(preset, BF16, LoraConfig(r=64)).weights
 
 
 PUBLISHED = [
@@ -181,8 +348,8 @@ PUBLISHED = [
      "the fragmentation margin the plan adds; without those two the plan is within 25%"),
     ("torchtune README, Llama 3.1 8B LoRA bf16", 16.2 * GiB, _torchtune_llama31_lora, None),
     ("LitGPT, Llama-2-7B LoRA bf16-true", 21.30e9, lambda: _litgpt(None), None),
-    ("LitGPT, Llama-2-7B LoRA NF4", 14.14e9, lambda: _litgpt(QuantConfig(double_quant=False)), None),
-    ("LitGPT, Llama-2-7B LoRA NF4+DQ", 13.84e9, lambda: _litgpt(QuantConfig()), None),
+    ("LitGPT, Llama-2-7B LoRA NF4", 14.14e9, lambda: _litgpt(replace(BF16, double_quant=False)), None),
+    ("LitGPT, Llama-2-7B LoRA NF4+DQ", 13.84e9, lambda: _litgpt(BF16), None),
     ("LLaMA-Factory, 7B QLoRA", 6e9, lambda: _llama_factory("llama-2-7b"), None),
     ("LLaMA-Factory, 14B QLoRA", 12e9, lambda: _llama_factory("qwen2.5-14b"), None),
     ("LLaMA-Factory, 30B QLoRA", 24e9, lambda: _llama_factory("qwen2.5-32b"), None),
@@ -203,7 +370,7 @@ def test_published_figures_within_25_percent(source, figure, planner, exception)
 def test_qlora_paper_65b_fits_in_48gb():
     """QLoRA paper: LLaMA 65B fine-tuned on one 48 GB GPU (r64 on all linear layers, batch 1, 512 tokens,
     gradient checkpointing, paged 8-bit AdamW, NF4 + double quant)."""
-    plan = plan_memory("llama-65b", QuantConfig(), LoraConfig(r=64, alpha=16), batch=1, seq_len=512,
+    plan = plan_memory("llama-65b", BF16, LoraConfig(r=64, alpha=16), batch=1, seq_len=512,
                        optimizer="paged_adamw_8bit")
     assert plan.fits(48 * GiB)
     assert not plan.fits(40 * GiB)
@@ -212,7 +379,7 @@ def test_qlora_paper_65b_fits_in_48gb():
 def test_double_quant_saves_what_the_paper_says():
     """Constants: 0.5 bits per parameter without double quant, about 0.127 with it (blocksize 64)."""
     def bits(dq):
-        p = plan_memory("llama-2-7b", QuantConfig(double_quant=dq))
+        p = plan_memory("llama-2-7b", QuantConfig(double_quant=dq, compute_dtype=torch.bfloat16))
         linear = sum(i * o for _, i, o, _ in resolve_shape("llama-2-7b").linears()) * 32
         return 8 * p.components["quant_constants"] / linear
     assert bits(False) == pytest.approx(0.5, abs=0.001)
@@ -220,31 +387,31 @@ def test_double_quant_saves_what_the_paper_says():
 
 
 def test_plan_grows_with_tokens_and_shrinks_with_checkpointing():
-    base = plan_memory("llama-2-7b", batch=1, seq_len=1024)
+    base = plan_memory("llama-2-7b", BF16, batch=1, seq_len=1024)
     assert base.with_settings(batch=2).total > base.total
     assert base.with_settings(gradient_checkpointing=False).total > base.total
-    assert plan_memory("llama-2-7b", QuantConfig(double_quant=False)).total > plan_memory("llama-2-7b").total
+    assert plan_memory("llama-2-7b", replace(BF16, double_quant=False)).total > plan_memory("llama-2-7b", BF16).total
 
 
 def test_max_batch_seq_is_the_edge_of_fitting():
-    plan = plan_memory("llama-3.1-8b", seq_len=2048)
+    plan = plan_memory("llama-3.1-8b", BF16, seq_len=2048)
     best = plan.max_batch_seq(24 * GiB, seq_lens=(2048,))[2048]
     assert best >= 1
     assert plan.with_settings(batch=best).fits(24 * GiB)
     assert not plan.with_settings(batch=best + 1).fits(24 * GiB)
-    assert plan_memory("llama-3.1-70b").max_batch_seq(12 * GiB, seq_lens=(512,)) == {512: 0}
+    assert plan_memory("llama-3.1-70b", BF16).max_batch_seq(12 * GiB, seq_lens=(512,)) == {512: 0}
 
 
 def test_plan_from_folder_dict_and_model_agree(tiny_dirs):
     folder = tiny_dirs("llama", **SHAPE)
-    a = plan_memory(folder)
-    b = plan_memory(folder / "config.json")
-    c = plan_memory(json.loads((folder / "config.json").read_text()))
+    a = plan_memory(folder, BF16)
+    b = plan_memory(folder / "config.json", BF16)
+    c = plan_memory(json.loads((folder / "config.json").read_text()), BF16)
     assert a.components == b.components == c.components
 
 
 def test_to_dict_summary_and_check_fits():
-    plan = plan_memory("llama-3.1-8b", batch=2, seq_len=2048)
+    plan = plan_memory("llama-3.1-8b", BF16, batch=2, seq_len=2048)
     d = plan.to_dict()
     assert d["total"] == plan.total == sum(d["components"].values())
     line = plan.summary()
@@ -252,8 +419,8 @@ def test_to_dict_summary_and_check_fits():
     assert check_fits(plan, "cpu", free_bytes=plan.total + 1) is None
     warning = check_fits(plan, "cpu", free_bytes=4 * GiB)
     assert "4.0 GiB free" in warning and "lower batch or seq_len" in warning
-    assert check_fits(plan_memory("llama-2-7b", device="cpu"), "cpu") in (None, check_fits(
-        plan_memory("llama-2-7b", device="cpu"), "cpu"))   # asks the host without failing
+    assert check_fits(plan_memory("llama-2-7b", BF16, device="cpu"), "cpu") in (None, check_fits(
+        plan_memory("llama-2-7b", BF16, device="cpu"), "cpu"))   # asks the host without failing
 
 
 # Bad input
@@ -286,7 +453,7 @@ def test_config_missing_fields_names_them(tmp_path):
 ])
 def test_nonsense_settings_are_clear_errors(kwargs, message):
     with pytest.raises(QLoraKitError, match=message):
-        plan_memory("llama-2-7b", **kwargs)
+        plan_memory("llama-2-7b", BF16, **kwargs)
 
 
 # CLI
@@ -325,10 +492,10 @@ def test_fit_table_agrees_with_the_plans():
     from qlora_kit import fit_table
     from qlora_kit.plan import COLAB_GPUS
 
-    table = fit_table(["mistral-7b", "qwen2.5-32b"], seq_len=1024)
+    table = fit_table(["mistral-7b", "qwen2.5-32b"], seq_len=1024, quant=BF16)
     header, mistral, qwen = table.splitlines()
     assert all(name in header for name in COLAB_GPUS)
-    plan = plan_memory("mistral-7b", seq_len=1024)
+    plan = plan_memory("mistral-7b", BF16, seq_len=1024)
     t4 = plan.max_batch_seq(COLAB_GPUS["T4 16GB (free)"], (1024,))[1024]
     assert mistral.split()[0] == "mistral-7b" and f"batch {t4}" in mistral and t4 >= 1
     assert f"{plan.total / GiB:.1f} GiB" in mistral
@@ -336,5 +503,5 @@ def test_fit_table_agrees_with_the_plans():
 
 
 def test_plan_reads_the_packaged_demo_model_by_name(smollm2_dir):
-    plan = plan_memory("smollm2", device="cpu")
+    plan = plan_memory("smollm2", BF16, device="cpu")
     assert plan.model == smollm2_dir.name and 134_000_000 < plan.parameters < 135_000_000
