@@ -53,13 +53,14 @@ GPUS = {
 
 # Framework overhead (the `overhead` line); the only terms here that are not derived from shapes.
 # CPU, fitted with benchmarks/plan_accuracy.py on fp32, bf16 and fp16 runs (AVX512-BF16 EPYC, torch
-#   2.13, glibc's mmap threshold fixed at 1 MiB by qlora_kit.memory), the same within 10 MiB on
-#   every path:
+#   2.13, glibc's mmap threshold fixed at 1 MiB by qlora_kit.memory; not yet re-measured on an
+#   AVX2-only machine):
 #   - the interpreter with torch, transformers and bitsandbytes imported, and what loading leaves
 #     besides the model's tensors (heap, kernel code paged in): resident set after `load_model`
-#     minus the static bytes, 397-405 MiB over 3 model sizes;
+#     minus the static bytes, 394-403 MiB over 3 model sizes on every path;
 #   - what a training step adds besides tensors (heap of small blocks, more kernel code, BLAS
-#     buffers): peak RSS minus RSS before the steps minus the step's tensors, 34-64 MiB.
+#     buffers): peak RSS minus RSS before the steps minus the step's tensors, 22-59 MiB (fp32
+#     25-43, bf16 28-59, fp16 22-33).
 #   Freed step tensors of 1 MiB and more leave the resident set at once under that threshold, so
 #   the CPU plan has no fragmentation term. (The 560 MiB + 50% of the step's bytes used before
 #   were fitted before the threshold was fixed, when glibc kept freed blocks resident.)
