@@ -211,11 +211,7 @@ def rebuild_base(layer, weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.
 def _replace_base(layer, qweight: QuantizedWeight) -> None:
     """A new quantised base that computes (and keeps its bias) in the old one's dtype."""
     old = layer.base_layer
-    new = QuantLinear(qweight, None if old.bias is None else old.bias.detach())
-    new.compute_dtype = old.compute_dtype
-    if new.bias is not None:
-        new.bias = torch.nn.Parameter(old.bias.detach().to(old.compute_dtype), requires_grad=False)
-    layer.base_layer = new
+    layer.base_layer = QuantLinear(qweight, None if old.bias is None else old.bias.detach(), old.compute_dtype)
 
 
 def init_tensors(layers: dict) -> dict[str, torch.Tensor]:

@@ -223,12 +223,15 @@ class QuantLinear(nn.Module):
     The packed weight is a frozen parameter (`weight`, uint8 or int8), so FSDP can shard it and
     gather it around each use; the small quantisation constants stay beside it, replicated."""
 
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.qweight = qweight
         self.weight = nn.Parameter(qweight.data, requires_grad=False)
         self.out_features, self.in_features = qweight.shape
-        self.compute_dtype = resolve_dtype(qweight.config.compute_dtype, qweight.device)
+        # default: the dtype the weight was quantised from; a caller may compute in another (the export's
+        # fp32 reference runs a bf16-quantised base in fp32)
+        self.compute_dtype = compute_dtype or resolve_dtype(qweight.config.compute_dtype, qweight.device)
         # a copy, never a view of the caller's tensor (which may be a page of a mapped checkpoint file)
         self.bias = None if bias is None else nn.Parameter(bias.to(self.compute_dtype, copy=True), requires_grad=False)
 

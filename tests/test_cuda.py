@@ -158,23 +158,14 @@ def test_8bit_layer_matches_its_dequantised_twin(dtype, record_property):
 def test_sliced_quantiser_is_bit_identical_on_cuda(monkeypatch, shape, double_quant):
     """The loader quantises big weights in slices (quant.QUANT_CHUNK); on CUDA too the result must be
     bitsandbytes' own, byte for byte. Compute dtype bf16."""
-    import bitsandbytes.functional as bnbf
-
     import qlora_kit.quant as quant
+    from test_quant import assert_quantised_as_bitsandbytes_does
 
     monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(CUDA, torch.bfloat16)
+    assert w.device.type == "cuda"
     for quant_type in ("nf4", "fp4"):
-        ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant,
-                                              compute_dtype=torch.bfloat16))
-        data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
-        assert ours.data.device.type == "cuda"
-        assert torch.equal(ours.data, data)
-        assert torch.equal(ours.state.absmax, state.absmax)
-        if double_quant:
-            assert torch.equal(ours.state.state2.absmax, state.state2.absmax)
-            assert torch.equal(ours.state.offset, state.offset)
-        assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(data, state).float())
+        assert_quantised_as_bitsandbytes_does(w, quant_type, double_quant)
 
 
 # ---------------------------------------------------------------- eval -> train -> eval -> merge

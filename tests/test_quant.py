@@ -128,21 +128,28 @@ def test_auto_dtype_on_cuda_is_bf16_only_where_the_card_has_it(monkeypatch, capa
 @pytest.mark.parametrize("shape", [(100, 320), (101, 65), (97, 64)])
 def test_sliced_quantiser_is_bit_identical_to_one_call(monkeypatch, shape, double_quant):
     """Large weights are quantised in slices (bounded scratch memory); the result must not change."""
-    import bitsandbytes.functional as bnbf
-
     import qlora_kit.quant as quant
 
     monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
     w = torch.randn(*shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     for quant_type in ("nf4", "fp4"):
-        ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=BF16))
-        data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
-        assert torch.equal(ours.data, data)
-        assert torch.equal(ours.state.absmax, state.absmax)
-        if double_quant:
-            assert torch.equal(ours.state.state2.absmax, state.state2.absmax)
-            assert torch.equal(ours.state.offset, state.offset)
-        assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(data, state).float())
+        assert_quantised_as_bitsandbytes_does(w, quant_type, double_quant)
+
+
+def assert_quantised_as_bitsandbytes_does(w: torch.Tensor, quant_type: str, double_quant: bool) -> None:
+    """Our (possibly sliced) 4-bit quantiser gives bitsandbytes' own bytes, constants and dequantisation
+    for the bf16 weight `w`, on whatever device `w` lives on."""
+    import bitsandbytes.functional as bnbf
+
+    ours = QuantizedWeight(w, QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=BF16))
+    data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    assert ours.data.device == w.device
+    assert torch.equal(ours.data, data)
+    assert torch.equal(ours.state.absmax, state.absmax)
+    if double_quant:
+        assert torch.equal(ours.state.state2.absmax, state.state2.absmax)
+        assert torch.equal(ours.state.offset, state.offset)
+    assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(data, state).float())
 
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
