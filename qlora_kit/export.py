@@ -46,7 +46,8 @@ from .errors import QLoraKitError, first_few
 from .io import (atomic_dir, check_free, check_replace, disk_full_as_error, human_bytes, refuse_overlap,
                  unknown_entries)
 from .loading import build_empty_model, iter_safetensors, load_config, open_safetensors, safetensors_files
-from .lora import LoraConfig, lora_delta, linear_layer_names
+from .lora import LoraConfig, lora_delta
+from .modeltree import linear_layer_names
 from .models import model_location, resolve_model_path
 from .inits import residual
 from .quant import QuantConfig, as_dtype, dtype_name, roundtrip

@@ -17,18 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import QLoraKitError
 from .lora import lora_state_dict
+from .modeltree import decoder_layers
 from .quant import QuantLinear
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(body, "layers", None)
-    if layers is None:
-        raise QLoraKitError(f"{type(model).__name__} has no decoder layers where FSDP expects them "
-                            "(model.model.layers); train it without train.fsdp")
-    return list(layers)
 
 
 def shard_model(model: nn.Module) -> nn.Module:

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
-from .lora import _set_module, linear_layer_names
 from .memory import return_freed_memory
+from .modeltree import linear_layer_names, set_module
 from .quant import QuantConfig, QuantLinear, resolve_dtype
 
 
@@ -130,7 +130,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
             _check_shape(key, tensor, model.get_submodule(owner).weight)
             bias = pending_bias.pop(owner, None)
             layer = QuantLinear.from_weight(tensor.to(dtype), quant, bias, device)
-            _set_module(model, owner, layer)
+            set_module(model, owner, layer)
             quantised.discard(owner)
             seen.add(key)
         elif key in expected:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import QLoraKitError, first_few
 from .inits import check_init, check_init_fits, initialise
+from .modeltree import match_targets, set_module
 from .quant import QuantLinear, as_dtype, dtype_name
 
 
@@ -219,48 +220,6 @@ class _SharedDropoutSlot:
 _SHARED_DROPOUT = _SharedDropoutSlot()
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, QuantLinear))
-
-
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the decoder's linear layers: every nn.Linear/QuantLinear except the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules()
-            if _is_linear(m) and m is not head and not isinstance(m, LoraLinear)
-            and not name.endswith(("lora_A", "lora_B"))]
-
-
-def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Module names that `targets` selects, PEFT's way; an error lists what exists if none match."""
-    names = linear_layer_names(model)
-    if targets == "all-linear":
-        chosen = names
-    elif isinstance(targets, str):
-        pattern = re.compile(targets)
-        chosen = [n for n in names if pattern.fullmatch(n)]
-    else:
-        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-        if chosen and missing:
-            raise QLoraKitError(f"LoRA targets {missing} match no linear layer; "
-                                f"layers are named: {first_few(sorted(_suffixes(names)), 12)}")
-    if not chosen:
-        raise QLoraKitError(f"LoRA targets {targets!r} match no linear layer of this model; "
-                            f"its linear layers end in: {first_few(sorted(_suffixes(names)), 12)} "
-                            "(use a list of these, a regex over full names, or 'all-linear')")
-    return chosen
-
-
-def _suffixes(names: list[str]) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n in names}
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     """Wrap the targeted linear layers in LoraLinear (in place) and freeze everything else.
 
@@ -279,7 +238,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
         base = model.get_submodule(name)
         layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator,
                            config.shared_dropout)
-        _set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
+        set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
     initialise(model, {name: model.get_submodule(name) for name in names}, config)
     model.lora_config = config
     return model

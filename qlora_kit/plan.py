@@ -22,20 +22,18 @@ Without checkpointing every block keeps its internals from the forward pass to t
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .config import OPTIMIZERS
-from .errors import QLoraKitError, closest, first_few
+from .errors import QLoraKitError, closest
 from .lora import LoraConfig
+from .modeltree import select_targets
 from .models import resolve_model_path
-from .quant import QuantConfig, as_dtype, dtype_name, resolve_dtype
+from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, optimizer_bytes
+from .quant import QuantConfig, dtype_name, resolve_dtype
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -73,11 +71,6 @@ CPU_STEP_RUNTIME_BYTES = 40 * MiB
 CUDA_CONTEXT_BYTES = 512 * MiB
 CUDA_FRAGMENTATION = 0.20
 
-# bitsandbytes' 8-bit optimisers keep fp32 state for tensors smaller than this (min_8bit_size),
-# quantise the rest in blocks of 256 with one fp32 absmax per block and state, and share two
-# 256-entry fp32 code tables.
-BNB_MIN_8BIT_SIZE = 4096
-BNB_OPT_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,39 +242,8 @@ def quantized_bytes(numel: int, rows: int, quant: QuantConfig) -> tuple[int, int
 
 def target_layers(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int, int]]:
     """(full name, in, out) of every linear layer that `targets` selects, named as in the model."""
-    names = [(f"model.layers.{i}.{n}", a, b) for i in range(shape.layers) for n, a, b, _ in shape.linears()]
-    suffixes = [n.rsplit(".", 1)[-1] for n, *_ in shape.linears()]
-    if targets == "all-linear":
-        return names
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        chosen = [t for t in names if pattern.fullmatch(t[0])]
-    else:
-        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in suffixes]
-        if unknown:
-            raise QLoraKitError(f"LoRA targets {unknown} match no linear layer{closest(unknown[0], suffixes)}; "
-                                f"layers are named: {', '.join(suffixes)}")
-        chosen = [t for t in names if any(t[0] == s or t[0].endswith("." + s) for s in targets)]
-    if not chosen:
-        raise QLoraKitError(f"LoRA targets {targets!r} match no linear layer; use 'all-linear' or some of "
-                            f"{', '.join(suffixes)}")
-    return chosen
-
-
-def optimizer_bytes(param_sizes: list[int], optimizer: str) -> int:
-    """Bytes of optimiser state for fp32 parameters of these sizes, after the first step."""
-    if optimizer == "adamw":                     # exp_avg + exp_avg_sq fp32, and a fp32 step tensor
-        return sum(8 * n + 4 for n in param_sizes)
-    if optimizer == "paged_adamw_32bit":
-        return sum(8 * n for n in param_sizes)
-    total, quantised = 0, False
-    for n in param_sizes:
-        if n < BNB_MIN_8BIT_SIZE:
-            total += 8 * n
-        else:
-            total += 2 * n + 2 * 4 * -(-n // BNB_OPT_BLOCK)
-            quantised = True
-    return total + (2 * 4 * 256 if quantised else 0)
+    layers = {f"model.layers.{i}.{n}": (a, b) for i in range(shape.layers) for n, a, b, _ in shape.linears()}
+    return [(name, *layers[name]) for name in select_targets(list(layers), targets)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +438,7 @@ class MemoryPlan:
 
 def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(), lora: LoraConfig | None = None,
                 batch: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
-                optimizer: str = "paged_adamw_8bit", device: str = "cuda", chunk_tokens: int = 1024,
+                optimizer: str = DEFAULT_OPTIMIZER, device: str = "cuda", chunk_tokens: int = 1024,
                 dtype: torch.dtype | str | None = None) -> MemoryPlan:
     """Plan the memory of a QLoRA training step.
 

@@ -36,13 +36,15 @@ from .adapters import save_adapter
 from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
-from .fsdp import (decoder_layers, full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
+from .fsdp import (full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
                    optimizer_state, shard_model)
 from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
 from .lora import add_lora, lora_state_dict, trainable_parameters
 from .losses import causal_lm_loss
+from .modeltree import decoder_layers
 from .models import resolve_model_path
+from .optim import build_optimizer, build_scheduler
 from .runs import (Checkpoint, NonFiniteCheckpoint, RunPlan, latest_checkpoint, newest_readable, plan_run, run_folder,
                    save_checkpoint)
 
@@ -125,31 +127,6 @@ class LossScaler:
         state = dict(state)
         self.skipped, self.skipped_in_a_row = state.pop("skipped", 0), state.pop("skipped_in_a_row", 0)
         self.scaler.load_state_dict(state)
-
-
-def build_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
-
-    # On CPU the paged optimiser falls back to ordinary memory and says so at every first step.
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-def build_scheduler(optimizer, kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _rng_state() -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from ..optim import DEFAULT_OPTIMIZER, OPTIMIZERS
+
 GiB = 1024 ** 3
 
 
@@ -23,8 +25,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--optimizer", default="paged_adamw_8bit",
-                   help="paged_adamw_8bit, adamw_8bit, paged_adamw_32bit or adamw")
+    p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--adapter-dtype", default="auto",
                    help="dtype of the adapter matmuls (master weights are fp32); auto = the compute dtype")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
