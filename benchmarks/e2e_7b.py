@@ -189,18 +189,19 @@ def child_ours_load(spec: dict) -> dict:
     import bitsandbytes  # noqa: F401  (imported before the load, so that RSS after imports is known)
     import transformers  # noqa: F401
     from qlora_kit import QuantConfig, load_model
+    from qlora_kit.record import record_of
 
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     model, _ = load_model(spec["model"], quant=QuantConfig(compute_dtype=spec["compute_dtype"]),
                           load_tokenizer=False, progress=False)
-    return {"load_s": time.perf_counter() - start, "compute_dtype": str(model.quant_config.compute_dtype),
+    return {"load_s": time.perf_counter() - start, "compute_dtype": str(record_of(model).quant.compute_dtype),
             "rss_after_imports": imported, **rss_parts("self", "end")}
 
 
 def child_ours_train(spec: dict) -> dict:
     from qlora_kit import train
-    from qlora_kit.quant import resolve_dtype
+    from qlora_kit.dtypes import resolve_dtype
 
     result = train(run_config(spec), overwrite=True, progress=False)
     end = rss_parts("self", "end")
@@ -314,7 +315,7 @@ def child_prepare(spec: dict) -> dict:
     when none will be trained, the plan and the load prediction, and the machine's fast dtype."""
     import psutil
 
-    from qlora_kit.quant import fast_dtype, resolve_dtype
+    from qlora_kit.dtypes import fast_dtype, resolve_dtype
 
     shape = PRESETS[spec["preset"]]
     cache = Path(spec["cache"])

@@ -97,27 +97,22 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, heads: int, interme
 def write_adapter(folder: Path, hidden: int, layers: int, intermediate: int, r: int = 16) -> Path:
     """A random rank-r adapter on all seven projections, in PEFT's layout with qlora_kit's metadata."""
     import torch
-    from safetensors.torch import save_file
 
-    from qlora_kit import LoraConfig, QuantConfig
-    from qlora_kit.adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, peft_config_dict
+    from qlora_kit import Adapter, LoraConfig, QuantConfig
+    from qlora_kit.adapters import CONFIG_NAME
 
     if (folder / CONFIG_NAME).is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     dims = {"h": hidden, "i": intermediate}
     g = torch.Generator().manual_seed(1)
-    tensors, modules = {}, []
+    tensors = {}
     for i in range(layers):
         for m, (o, n) in PROJECTIONS.items():
             name = f"model.layers.{i}.{m}"
-            modules.append(name)
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.randn(r, dims[n], generator=g) / math.sqrt(dims[n])
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.randn(dims[o], r, generator=g) * 0.01
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    cfg = peft_config_dict(LoraConfig(r=r, alpha=2 * r), modules, None, {"quant": QuantConfig().to_dict()})
-    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-    return folder
+            tensors[f"{name}.lora_A.weight"] = torch.randn(r, dims[n], generator=g) / math.sqrt(dims[n])
+            tensors[f"{name}.lora_B.weight"] = torch.randn(dims[o], r, generator=g) * 0.01
+    targets = sorted({m.rsplit(".", 1)[-1] for m in PROJECTIONS})
+    return Adapter(LoraConfig(r=r, alpha=2 * r), tensors, QuantConfig(), target_modules=targets).write(folder)
 
 
 def write_small_adapter(folder: Path, base: Path, r: int = 16) -> Path:

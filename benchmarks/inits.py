@@ -25,7 +25,8 @@ import torch
 from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model
 from qlora_kit.config import config_from_dict
 from qlora_kit.datasets import chatterbot_records, write_jsonl
-from qlora_kit.inits import INITS, loftq_init, orthogonal_a, svd_init
+from qlora_kit.inits import loftq_init, orthogonal_a, svd_init
+from qlora_kit.lora import INITS
 from qlora_kit.models import smollm2_path
 from qlora_kit.trainer import train
 

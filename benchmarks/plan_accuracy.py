@@ -77,7 +77,7 @@ def fast_dtypes() -> set[str]:
     """Compute dtypes this CPU multiplies at full speed: fp32, and bf16 where 'auto' picks it."""
     import torch
 
-    from qlora_kit.quant import fast_dtype
+    from qlora_kit.dtypes import fast_dtype
 
     return {"fp32"} | ({"bf16"} if fast_dtype("cpu") == torch.bfloat16 else set())
 
@@ -198,7 +198,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.optimizer, args.child[2])))
         return
     from qlora_kit.plan import CPU_INTERPRETER_BYTES, CPU_STEP_RUNTIME_BYTES
-    from qlora_kit.quant import as_dtype, dtype_name, fast_dtype
+    from qlora_kit.dtypes import as_dtype, dtype_name, fast_dtype
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:

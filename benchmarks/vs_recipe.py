@@ -238,7 +238,7 @@ def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> di
 def child_ours(args) -> dict:
     torch, data, init = _common_setup(args)
     from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model
-    from qlora_kit.lora import lora_layers, trainable_parameters
+    from qlora_kit import lora_layers, trainable_parameters
     from qlora_kit.loading import set_gradient_checkpointing
     from qlora_kit.trainer import LossModule
 
@@ -276,7 +276,7 @@ def child_reference(args) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_kit.quant import resolve_dtype
+    from qlora_kit.dtypes import resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
@@ -399,7 +399,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from qlora_kit.quant import dtype_name, resolve_dtype
+    from qlora_kit.dtypes import dtype_name, resolve_dtype
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-vs-recipe-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,13 @@
 The flow is one way: load (quantise) -> add adapters -> train -> save adapter -> merge/export.
 """
 
-from .adapters import load_adapter, read_adapter, save_adapter, to_plain_lora
+from .adapt import add_lora, merge_lora, merged_state_dict, trainable_parameters
+from .adapters import Adapter, load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
 from .export import export_merged
 from .gguf_export import export_gguf
 from .loading import load_model, set_gradient_checkpointing
-from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lora_state_dict, merge_lora,
-                   merged_state_dict, trainable_parameters)
+from .lora import LoraConfig, LoraLinear, lora_delta, lora_layers, lora_state_dict
 from .models import fetch_model, smollm2_path
 from .plan import MemoryPlan, check_fits, fit_table, plan_memory
 from .quant import QuantConfig, QuantLinear
@@ -28,7 +28,7 @@ from .trainer import train
 __all__ = [
     "QuantConfig", "LoraConfig", "QLoraKitError",
     "load_model", "add_lora", "set_gradient_checkpointing", "train",
-    "save_adapter", "load_adapter", "read_adapter", "export_merged", "export_gguf",
+    "save_adapter", "load_adapter", "read_adapter", "Adapter", "export_merged", "export_gguf",
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
     "trainable_parameters", "smollm2_path", "fetch_model", "QuantLinear", "LoraLinear",
     "plan_memory", "MemoryPlan", "check_fits", "fit_table",

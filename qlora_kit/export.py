@@ -41,16 +41,18 @@ from typing import Callable, Iterator
 
 import torch
 
-from .adapters import read_adapter, read_init
+from .adapters import Adapter
+from .dtypes import as_dtype, dtype_name
 from .errors import QLoraKitError, first_few
 from .io import (atomic_dir, check_free, check_replace, disk_full_as_error, human_bytes, refuse_overlap,
                  unknown_entries)
-from .loading import build_empty_model, iter_safetensors, load_config, open_safetensors, safetensors_files
-from .lora import LoraConfig, lora_delta
+from .loading import build_empty_model, load_config
+from .lora import ChangedBase, LoraConfig, lora_delta
 from .modeltree import linear_layer_names
 from .models import model_location, resolve_model_path
 from .inits import residual
-from .quant import QuantConfig, as_dtype, dtype_name, roundtrip
+from .quant import QuantConfig, roundtrip
+from .tensorfiles import iter_safetensors, open_safetensors, safetensors_files
 
 MERGE_BASES = ("dequantized", "original")
 EXPORT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -203,7 +205,7 @@ class MergeJob:
     merge_into: str  # the base actually used ("original" when the adapter was trained unquantised)
     requested_merge_into: str
     quantised: set[str]
-    states: dict  # {weight key: {"offset": (A, B), "initial": (A, B)}} for inits that changed the base
+    states: dict[str, ChangedBase]  # {weight key: how the init changed its base} for svd/loftq adapters
 
     def merged_tensors(self, dtype: torch.dtype, norms: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, merged tensor in `dtype`) for every base tensor in file order, one at a time."""
@@ -227,19 +229,20 @@ def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequ
                             "trained on) or 'original' (the base folder's own weights)")
     base, adapter = resolve_model_path(base), Path(adapter)
     files = safetensors_files(base)
-    lora, adapter_tensors, raw = read_adapter(adapter)
+    record = Adapter.read(adapter)
     plan = _plan(files)
     quantised = _quantised_keys(base)
-    quant, quant_source = _merge_quant(raw, quant, compute_dtype, _stored_dtype(plan, quantised))
+    quant, quant_source = _merge_quant(record, quant, compute_dtype, _stored_dtype(plan, quantised))
     if quant is None:
         quantised = set()
-    pairs = _pair_adapter(adapter_tensors, plan, adapter)
-    states = {module + ".weight": state for module, state in read_init(adapter).items()}
-    return MergeJob(base, adapter, files, plan, lora, pairs, quant, quant_source,
+    shapes = {key.removesuffix(".weight"): shape for key, shape, _ in plan if key.endswith(".weight")}
+    pairs = {module + ".weight": ab for module, ab in record.check_fits(shapes, "base model").items()}
+    states = {module + ".weight": changed for module, changed in record.changed.items()}
+    return MergeJob(base, adapter, files, plan, record.lora, pairs, quant, quant_source,
                     merge_into if quant is not None else "original", merge_into, quantised, states)
 
 
-def _merge_quant(raw: dict, override: QuantConfig | None, compute_dtype: str | torch.dtype | None,
+def _merge_quant(record: Adapter, override: QuantConfig | None, compute_dtype: str | torch.dtype | None,
                  stored: torch.dtype) -> tuple[QuantConfig | None, str]:
     """The quantisation the adapter was trained on, and where that knowledge came from.
 
@@ -247,15 +250,14 @@ def _merge_quant(raw: dict, override: QuantConfig | None, compute_dtype: str | t
     bits, and an export must not depend on which machine runs it. In order: `compute_dtype` (the
     caller's word), the adapter's record, else the checkpoint's stored dtype, which is what a
     transformers BitsAndBytesConfig load quantises from (its dtype defaults to 'auto', the checkpoint's)."""
-    ours = raw.get("qlora_kit")
     if override is not None:
         quant, source = override, "argument"
-    elif ours is None or "quant" not in ours:
+    elif not record.quant_recorded:
         quant, source = QuantConfig(), "assumed (adapter has no qlora_kit metadata): NF4 + double quant, blocksize 64"
-    elif ours["quant"] is None:
+    elif record.quant is None:
         return None, "adapter trained on an unquantised base"
     else:
-        quant, source = QuantConfig(**ours["quant"]), "adapter"
+        quant, source = record.quant, "adapter"
     if compute_dtype is not None and compute_dtype != "auto":
         dtype = as_dtype(compute_dtype, "compute dtype")
         return replace(quant, compute_dtype=dtype), f"{source}; quantised from {dtype_name(dtype)} (compute dtype argument)"
@@ -290,44 +292,6 @@ def _plan(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return plan
 
 
-def _pair_adapter(tensors: dict[str, torch.Tensor], plan, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{base weight key: (A, B)}, after checking every adapter tensor fits a base weight."""
-    shapes = {key: shape for key, shape, _ in plan}
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    strange = []
-    for key, t in tensors.items():
-        for part in ("lora_A", "lora_B"):
-            if key.endswith(f".{part}.weight"):
-                modules.setdefault(key.removesuffix(f".{part}.weight"), {})[part] = t
-                break
-        else:
-            strange.append(key)
-    if strange:
-        raise QLoraKitError(f"adapter {path} holds tensors that are not LoRA A/B matrices of linear layers "
-                            f"(embedding adapters, trained biases or modules_to_save): {first_few(strange, 3)}; "
-                            "the exporter merges lora_A/lora_B pairs only")
-    problems, pairs = [], {}
-    for module, parts in sorted(modules.items()):
-        key = module + ".weight"
-        a, b = parts.get("lora_A"), parts.get("lora_B")
-        if a is None or b is None:
-            problems.append(f"{module}: only {'lora_A' if b is None else 'lora_B'} present")
-        elif key not in shapes:
-            problems.append(f"{module}: the base has no {key}")
-        elif (len(shapes[key]) != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]
-              or (b.shape[0], a.shape[1]) != shapes[key]):
-            problems.append(f"{module}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not fit the base weight "
-                            f"{shapes[key]}")
-        else:
-            pairs[key] = (a, b)
-    if problems:
-        raise QLoraKitError(f"adapter {path} does not fit base model ({len(problems)} problems: "
-                            f"{first_few(problems, 3)}); was it trained on another base model?")
-    if not pairs:
-        raise QLoraKitError(f"adapter {path} has no LoRA tensors to merge")
-    return pairs
-
-
 def _quantised_keys(base: Path) -> set[str]:
     """Weights the loader quantises (every decoder linear layer), found on an empty meta-device model."""
     model = build_empty_model(load_config(base), torch.float32)
@@ -341,17 +305,17 @@ class _Merger:
                  merge_into: str, dtype: torch.dtype, states: dict | None = None):
         self.pairs, self.scale, self.quant = pairs, lora.scale, quant
         self.quantised, self.merge_into, self.dtype = quantised, merge_into, dtype
-        self.states = states or {}  # {weight key: {"offset": (A, B), "initial": (A, B)}} for changed bases
+        self.states = states or {}  # {weight key: ChangedBase} for bases an svd/loftq init changed
 
     def base_weight(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The merge base for `key`: what the trained model computed with, or the stored weight."""
         state = self.states.get(key)
         if state is not None and (self.merge_into == "original" or self.quant is None):
-            return residual(tensor, *state["initial"], self.scale, torch.float32)
+            return residual(tensor, *state.start, self.scale, torch.float32)
         if self.merge_into == "original" or self.quant is None:
             return tensor
         if state is not None:  # the same arithmetic as the init and load_adapter: bit-identical base
-            seen = residual(tensor, *state["offset"], self.scale, self.quant.compute_dtype)
+            seen = residual(tensor, *state.offset, self.scale, self.quant.compute_dtype)
             return roundtrip(seen, self.quant) if key in self.quantised else seen
         seen = tensor.to(self.quant.compute_dtype)  # the loader casts before quantising
         return roundtrip(seen, self.quant) if key in self.quantised else seen

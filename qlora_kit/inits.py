@@ -29,20 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QLoraKitError, closest, first_few
+from .errors import QLoraKitError, first_few
+from .lora import CHANGES_BASE, ChangedBase, LoraConfig, LoraLinear, lora_delta
 from .quant import QuantConfig, QuantizedWeight, QuantLinear
+from .tensorfiles import SourceWeights
 
-INITS = ("default", "orthogonal", "svd", "loftq")
-CHANGES_BASE = ("svd", "loftq")
-INIT_FILE = "qlora_kit_init.safetensors"
 OVERSAMPLE = 8
 POWER_ITERS = 4
-
-
-def check_init(name: str) -> str:
-    if name not in INITS:
-        raise QLoraKitError(f"unknown LoRA init {name!r}{closest(str(name), INITS)}: use one of {', '.join(INITS)}")
-    return name
 
 
 # ---------------------------------------------------------------- the maths
@@ -76,8 +69,6 @@ def residual(weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.Tensor, sca
     """W - scale * B_off @ A_off in fp32, cast to the dtype the loader quantises from.
 
     The one formula for a changed base: the init, load_adapter and the exporter all call it."""
-    from .lora import lora_delta
-
     return (weight.float() - lora_delta(a_off, b_off, scale).to(weight.device)).to(dtype)
 
 
@@ -110,32 +101,7 @@ def loftq_init(weight: torch.Tensor, r: int, scale: float, quant: QuantConfig, i
 
 # ---------------------------------------------------------------- reading W back
 
-class SourceWeights:
-    """Memory-mapped access to single tensors of a model folder, by key (one tensor at a time)."""
-
-    def __init__(self, folder: str | Path):
-        from .loading import safetensors_files
-
-        self.folder = Path(folder)
-        self.where: dict[str, Path] = {}
-        from safetensors import safe_open
-
-        for f in safetensors_files(self.folder):
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    self.where[key] = f
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if key not in self.where:
-            raise QLoraKitError(f"{self.folder} has no tensor {key}: is it the folder this model was loaded from?")
-        with safe_open(str(self.where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-
-def source_weights(model: nn.Module, init: str) -> SourceWeights:
-    folder = getattr(model, "source_path", None)
+def source_weights(folder: Path | None, init: str) -> SourceWeights:
     if folder is None:
         raise QLoraKitError(f"init={init!r} needs the base's full-precision weights, and this model does not know "
                             "its folder: load it with qlora_kit.load_model(path), which records where to re-read them")
@@ -144,7 +110,7 @@ def source_weights(model: nn.Module, init: str) -> SourceWeights:
 
 # ---------------------------------------------------------------- applying to a model
 
-def check_init_fits(model: nn.Module, names: list[str], config) -> None:
+def check_init_fits(model: nn.Module, names: list[str], config: LoraConfig) -> None:
     """Clear errors before any work: loftq needs a quantised base, svd/loftq/orthogonal need r small enough."""
     if config.init == "loftq" and not all(isinstance(model.get_submodule(n), QuantLinear) for n in names):
         raise QLoraKitError("init='loftq' fits the adapter to the quantisation error, and this base is not "
@@ -161,12 +127,13 @@ def check_init_fits(model: nn.Module, names: list[str], config) -> None:
                             f"{first_few(too_big, 3)}: lower r or leave those layers out of targets")
 
 
-def initialise(model: nn.Module, layers: dict, config) -> None:
-    """Set A, B (and for svd/loftq the base) of freshly added LoraLinear layers as config.init says."""
+def initialise(layers: dict[str, LoraLinear], config: LoraConfig, folder: Path | None) -> None:
+    """Set A, B (and for svd/loftq the base) of freshly added LoraLinear layers as config.init says;
+    svd/loftq re-read each targeted W from `folder`, the model's own."""
     if config.init == "default":
         return
     generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
-    source = source_weights(model, config.init) if config.init in CHANGES_BASE else None
+    source = source_weights(folder, config.init) if config.init in CHANGES_BASE else None
     for name, layer in layers.items():
         if config.init == "orthogonal":
             set_factors(layer, orthogonal_a(layer.r, layer.in_features, generator), None)
@@ -176,17 +143,17 @@ def initialise(model: nn.Module, layers: dict, config) -> None:
             a, b = svd_init(weight, layer.r, layer.scale, generator)
             set_factors(layer, a, b)
             rebuild_base(layer, weight, a, b)
-            layer.init_state = {"offset": (a.cpu(), b.cpu())}
+            layer.changed_base = ChangedBase((a.cpu(), b.cpu()))
         else:
             quant = layer.base_layer.qweight.config
             a, b, a_off, b_off, qweight = loftq_init(weight, layer.r, layer.scale, quant, config.init_iters, generator)
             set_factors(layer, a, b)
             _replace_base(layer, qweight)
-            layer.init_state = {"offset": (a_off.cpu(), b_off.cpu()), "initial": (a.cpu(), b.cpu())}
+            layer.changed_base = ChangedBase((a_off.cpu(), b_off.cpu()), (a.cpu(), b.cpu()))
         del weight
 
 
-def set_factors(layer, a: torch.Tensor, b: torch.Tensor | None) -> None:
+def set_factors(layer: LoraLinear, a: torch.Tensor, b: torch.Tensor | None) -> None:
     with torch.no_grad():
         layer.lora_A.weight.copy_(a)
         if b is None:
@@ -195,7 +162,7 @@ def set_factors(layer, a: torch.Tensor, b: torch.Tensor | None) -> None:
             layer.lora_B.weight.copy_(b)
 
 
-def rebuild_base(layer, weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.Tensor) -> None:
+def rebuild_base(layer: LoraLinear, weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.Tensor) -> None:
     """Make the layer's frozen base quant(W - scale * B_off @ A_off) (or unquantised, if the base is)."""
     base = layer.base_layer
     if isinstance(base, QuantLinear):
@@ -208,44 +175,7 @@ def rebuild_base(layer, weight: torch.Tensor, a_off: torch.Tensor, b_off: torch.
             base.weight.copy_(residual(weight, a_off, b_off, layer.scale, base.weight.dtype))
 
 
-def _replace_base(layer, qweight: QuantizedWeight) -> None:
+def _replace_base(layer: LoraLinear, qweight: QuantizedWeight) -> None:
     """A new quantised base that computes (and keeps its bias) in the old one's dtype."""
     old = layer.base_layer
     layer.base_layer = QuantLinear(qweight, None if old.bias is None else old.bias.detach(), old.compute_dtype)
-
-
-def init_tensors(layers: dict) -> dict[str, torch.Tensor]:
-    """What the adapter folder must hold to rebuild changed bases: offset (and initial) factors per module."""
-    out = {}
-    for name, layer in layers.items():
-        state = getattr(layer, "init_state", None)
-        if not state:
-            continue
-        for kind, (a, b) in state.items():
-            out[f"{kind}.{name}.lora_A.weight"] = a
-            out[f"{kind}.{name}.lora_B.weight"] = b
-    return out
-
-
-def split_init_tensors(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """{module: {"offset": (A, B), "initial": (A, B)}} from the init file (initial = offset when absent)."""
-    out: dict[str, dict] = {}
-    for key, t in flat.items():
-        kind, _, rest = key.partition(".")
-        module, part = rest.removesuffix(".weight").rsplit(".", 1)
-        out.setdefault(module, {}).setdefault(kind, {})[part] = t
-    states = {}
-    for module, kinds in out.items():
-        offset = (kinds["offset"]["lora_A"], kinds["offset"]["lora_B"])
-        initial = kinds.get("initial")
-        states[module] = {"offset": offset,
-                          "initial": (initial["lora_A"], initial["lora_B"]) if initial else offset}
-    return states
-
-
-def quant_matches(a: QuantConfig | None, b: dict | None) -> bool:
-    """Same storage (bits, type, blocksize, double quant); the compute dtype may differ by device."""
-    if a is None or b is None:
-        return a is None and b is None
-    return (a.bits, a.quant_type, a.blocksize, a.double_quant) == (b["bits"], b["quant_type"], b["blocksize"],
-                                                                    b["double_quant"])

@@ -10,7 +10,6 @@ one tensor's temporaries. Nothing is unpickled; remote code runs only when asked
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from dataclasses import replace
@@ -23,48 +22,10 @@ from tqdm.auto import tqdm
 from .errors import QLoraKitError, first_few
 from .memory import return_freed_memory
 from .modeltree import linear_layer_names, set_module
-from .quant import QuantConfig, QuantLinear, resolve_dtype
-
-
-def safetensors_files(path: str | Path) -> list[Path]:
-    """The model's safetensors shards, checked to be a model folder; a clear error otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise QLoraKitError(f"model path {str(path)!r} does not exist: give a local Hugging Face model folder")
-    if path.is_file():
-        raise QLoraKitError(f"{str(path)!r} is a file: give the model folder that holds config.json")
-    if not (path / "config.json").is_file():
-        raise QLoraKitError(f"{str(path)!r} is not a model folder: it has no config.json")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-        hint = (f" It has {first_few(pickled, 3)}: qlora_kit never unpickles; convert it once with "
-                "transformers (model.save_pretrained(dir, safe_serialization=True)).") if pickled else ""
-        raise QLoraKitError(f"{str(path)!r} has no *.safetensors weights.{hint}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise QLoraKitError(f"{str(path)!r} is missing shards listed in its index: {first_few(missing)}")
-        files = [path / n for n in names]
-    return files
-
-
-def iter_safetensors(files: list[Path], device: str = "cpu"):
-    """Yield (name, tensor) one tensor at a time, memory-mapped; corrupt files get a clear error."""
-    from safetensors import SafetensorError, safe_open
-
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device=device) as handle:
-                for key in handle.keys():
-                    yield key, handle.get_tensor(key)
-        except SafetensorError as e:
-            raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
-                                "corrupt: copy or convert it again") from None
-        except OSError as e:
-            raise QLoraKitError(f"could not read {f}: {e}") from None
+from .dtypes import resolve_dtype
+from .quant import QuantConfig, QuantLinear
+from .record import record_of
+from .tensorfiles import count_tensors, iter_safetensors, safetensors_files
 
 
 def load_config(path: str | Path, trust_remote_code: bool = False):
@@ -120,7 +81,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     pending_bias: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
-    bar = tqdm(total=_count_tensors(files), desc="loading", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=count_tensors(files), desc="loading", unit="tensor", disable=not progress, leave=False)
     for key, tensor in iter_safetensors(files):
         # `tensor` views its shard's memory map. While any view lives, the whole shard stays mapped,
         # with every page read from it resident: the model keeps copies only (_owned), and the view
@@ -157,8 +118,9 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
         p.requires_grad_(False)
     if device.type != "cpu":
         model.to(device)  # the computed buffers (rotary tables) were built on the CPU
-    model.quant_config = quant
-    model.source_path = path  # inits that change the base (svd, loftq) re-read weights from here
+    record = record_of(model)
+    record.quant = quant
+    record.source = path  # inits that change the base (svd, loftq) re-read weights from here
     model.eval()
     tokenizer = load_tokenizer_from(path) if load_tokenizer else None
     return model, tokenizer
@@ -169,27 +131,6 @@ def _tied_keys(model: nn.Module) -> list[str]:
         return []
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return list(tied.keys() if isinstance(tied, dict) else tied)
-
-
-@contextlib.contextmanager
-def open_safetensors(f: Path):
-    """safe_open for reading headers, with a clear error for a truncated or corrupt file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as handle:
-            yield handle
-    except (SafetensorError, OSError) as e:
-        raise QLoraKitError(f"{f} is not a readable safetensors file ({e}); it may be truncated or "
-                            "corrupt: copy or convert it again") from None
-
-
-def _count_tensors(files: list[Path]) -> int:
-    total = 0
-    for f in files:
-        with open_safetensors(f) as handle:
-            total += len(handle.keys())
-    return total
 
 
 def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:

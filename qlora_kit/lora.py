@@ -16,16 +16,24 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import QLoraKitError, first_few
-from .inits import check_init, check_init_fits, initialise
-from .modeltree import match_targets, set_module
-from .quant import QuantLinear, as_dtype, dtype_name
+from .errors import QLoraKitError, closest
+from .dtypes import as_dtype, dtype_name
+from .quant import QuantLinear
+
+INITS = ("default", "orthogonal", "svd", "loftq")
+CHANGES_BASE = ("svd", "loftq")  # inits whose adapter starts non-zero, so the frozen base is changed to match
+
+
+def check_init(name: str) -> str:
+    if name not in INITS:
+        raise QLoraKitError(f"unknown LoRA init {name!r}{closest(str(name), INITS)}: use one of {', '.join(INITS)}")
+    return name
 
 
 @dataclass
@@ -105,6 +113,25 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     return (lora_b.float() @ lora_a.float()) * scale
 
 
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B)
+
+
+@dataclass
+class ChangedBase:
+    """How an svd/loftq init changed a layer's frozen base: base = quant(W - scale * B_off @ A_off).
+
+    offset: (A_off, B_off). initial: (A0, B0), where the adapter started, when that differs from the
+    offset (loftq); PiSSA's adapter starts at its offset. Export and `to_plain_lora` use `start` to
+    take out of the merge exactly what the init put in."""
+
+    offset: Factors
+    initial: Factors | None = None
+
+    @property
+    def start(self) -> Factors:
+        return self.offset if self.initial is None else self.initial
+
+
 class LoraLinear(nn.Module):
     """A frozen base layer (QuantLinear or nn.Linear) plus a trainable low-rank update."""
 
@@ -129,7 +156,7 @@ class LoraLinear(nn.Module):
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
         # Set by inits that change the base: the factors it takes to rebuild it (see qlora_kit.inits).
-        self.init_state: dict | None = None
+        self.changed_base: ChangedBase | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -220,30 +247,6 @@ class _SharedDropoutSlot:
 _SHARED_DROPOUT = _SharedDropoutSlot()
 
 
-def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
-    """Wrap the targeted linear layers in LoraLinear (in place) and freeze everything else.
-
-    Returns the model for chaining. The model remembers `config` (model.lora_config)."""
-    config = config or LoraConfig()
-    if config.dtype == "auto":
-        config = replace(config, dtype=model.get_input_embeddings().weight.dtype)
-    if lora_layers(model):
-        raise QLoraKitError("this model already has LoRA adapters; load a fresh base to add new ones")
-    names = match_targets(model, config.targets)
-    check_init_fits(model, names, config)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        base = model.get_submodule(name)
-        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator,
-                           config.shared_dropout)
-        set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
-    initialise(model, {name: model.get_submodule(name) for name in names}, config)
-    model.lora_config = config
-    return model
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
@@ -255,71 +258,3 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight
     return out
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a quantised weight counts as its full matrix."""
-    packed = {id(m.weight) for m in model.modules() if isinstance(m, QuantLinear)}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
-    return trainable, total
-
-
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A full-precision state dict with every adapter folded in (W + scale * B @ A in fp32, then cast).
-
-    Quantised weights are dequantised, never re-quantised. The model itself is left untouched,
-    so training can go on afterwards."""
-    out: dict[str, torch.Tensor] = {}
-    handled: set[str] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLinear):
-            w = m.base_weight() + m.delta_weight()
-            out[f"{name}.weight"] = w.to(dtype)
-            if m.base_layer.bias is not None:
-                out[f"{name}.bias"] = m.base_layer.bias.detach().to(dtype)
-            handled.add(name)
-        elif isinstance(m, QuantLinear) and not any(name.startswith(h + ".") for h in handled):
-            out[f"{name}.weight"] = m.dequantize(torch.float32).to(dtype)
-            if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach().to(dtype)
-            handled.add(name)
-    for key, t in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if any(owner == h or owner.startswith(h + ".") for h in handled):
-            continue
-        out[key] = t.detach().to(dtype) if t.is_floating_point() else t
-    return out
-
-
-def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """A new plain transformers model with the adapters merged in (the input model is unchanged).
-
-    Holds a full-precision copy in memory: for large models use `export_merged`, which streams."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = as_dtype(dtype)
-    state = merged_state_dict(model, dtype)
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        merged = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    merged.load_state_dict(state, strict=False, assign=True)
-    merged.tie_weights()
-    _materialise_buffers(merged, model)
-    return merged.eval()
-
-
-def _materialise_buffers(target: nn.Module, source: nn.Module) -> None:
-    """Copy non-persistent buffers (rotary tables) that a meta-device build left empty."""
-    src = dict(source.named_buffers())
-    for name, buf in list(target.named_buffers()):
-        if buf.is_meta and name in src:
-            parent, _, leaf = name.rpartition(".")
-            owner = target.get_submodule(parent) if parent else target
-            owner._buffers[leaf] = src[name].clone()
-    leftover = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"merged model has tensors that were never filled: {first_few(leftover)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import read_adapter, read_init
+from .adapters import Adapter
 from .errors import QLoraKitError
 
 LEVELS = (0.90, 0.99)
@@ -51,9 +51,9 @@ def _power_of_two_at_least(n: int) -> int:
 
 def rank_report(adapter: str | Path, change: bool = False) -> dict:
     """Per-module spectra and energy ranks of an adapter folder, and the suggested r (see module docstring)."""
-    config, tensors, _ = read_adapter(adapter)
-    initial = read_init(adapter) if change else {}
-    if change and not initial:
+    record = Adapter.read(adapter)
+    config, tensors = record.lora, record.tensors
+    if change and not record.changed:
         raise QLoraKitError(f"adapter {adapter} starts from zero (init 'default' or 'orthogonal'): its change is "
                             "B @ A itself; drop --change")
     modules = {}
@@ -65,7 +65,7 @@ def rank_report(adapter: str | Path, change: bool = False) -> dict:
         if b is None:
             raise QLoraKitError(f"adapter {adapter} has lora_A but no lora_B for {name}")
         if change:
-            a0, b0 = initial[name]["initial"]
+            a0, b0 = record.changed[name].start
             a, b = torch.cat([a, a0]), torch.cat([b, -b0], dim=1)  # B@A - B0@A0 as one product of rank <= 2r
         values = product_singular_values(a, b, config.scale)
         # rounding noise of an (almost) cancelled product is not rank: zero what fp32 cannot resolve

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import read_adapter, save_adapter
+from .adapters import Adapter, save_adapter
 from .errors import QLoraKitError, first_few
 from .io import (atomic_dir, atomic_write_text, check_free, disk_full_as_error, refuse_overlap, swap_in, sweep_stale,
                  tmp_path, unknown_entries)
@@ -253,7 +253,8 @@ def read_checkpoint(ckpt: Path, world: int) -> Checkpoint:
         raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
                             f"the same number (this run has {world})")
     try:
-        lora, adapter, _ = read_adapter(ckpt / "adapter")
+        record = Adapter.read(ckpt / "adapter")
+        lora, adapter = record.lora, record.tensors
     except QLoraKitError as e:
         raise DamagedCheckpoint(f"checkpoint {ckpt} is damaged ({e})") from None
     try:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import save_adapter
+from .adapters import Adapter, layer_shapes, save_adapter
 from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
@@ -40,10 +40,11 @@ from .fsdp import (full_lora_state, load_lora_state, load_optimizer_state, local
                    optimizer_state, shard_model)
 from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
-from .lora import add_lora, lora_state_dict, trainable_parameters
+from .adapt import add_lora, trainable_parameters
 from .losses import causal_lm_loss
 from .modeltree import decoder_layers
 from .models import resolve_model_path
+from .record import record_of
 from .optim import build_optimizer, build_scheduler
 from .runs import (Checkpoint, NonFiniteCheckpoint, RunPlan, latest_checkpoint, newest_readable, plan_run, run_folder,
                    save_checkpoint)
@@ -147,9 +148,8 @@ def _set_rng_state(state: dict) -> None:
 def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, rank: int, sharded: bool,
                        scaler: LossScaler | None = None) -> int:
     """Put a checkpoint's state into this run's model, optimiser, scheduler, loss scale and RNG; its step."""
-    current = lora_state_dict(model)
-    if set(ckpt.adapter) != set(current) or any(ckpt.adapter[k].shape != current[k].shape for k in current):
-        raise QLoraKitError(f"checkpoint {ckpt.path} holds adapters of another shape (r={ckpt.lora.r}) than this run's")
+    Adapter(ckpt.lora, ckpt.adapter, path=ckpt.path / "adapter").check_fits(
+        layer_shapes(model), "this run's model", rank=record_of(model).lora.r, every=True)
     load_lora_state(model, ckpt.adapter)
     load_optimizer_state(optimizer, ckpt.optimizer, sharded)
     scheduler.load_state_dict(ckpt.state["scheduler"])

@@ -13,10 +13,10 @@ os.environ["QLORA_KIT_CPU_BF16"] = "0"
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-import qlora_kit.quant  # noqa: E402
+import qlora_kit.dtypes  # noqa: E402
 from tiny import make_model_dir  # noqa: E402
 
-REAL_PROBE = qlora_kit.quant._cpu_has_fast_bf16  # for the test of the probe itself
+REAL_PROBE = qlora_kit.dtypes.cpu_has_fast_bf16  # for the test of the probe itself
 
 # The compute dtypes of the core matrix. fp16 runs on CPU too (slowly, fine for tiny models).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,14 +34,14 @@ def _dtype_is_named(request, monkeypatch):
         raise AssertionError("this test resolved compute_dtype 'auto' on the real CPU, so it would mean different "
                              "things on different machines: pass an explicit compute dtype, or use fake_cpu")
 
-    monkeypatch.setattr("qlora_kit.quant._cpu_has_fast_bf16", refuse)
+    monkeypatch.setattr("qlora_kit.dtypes.cpu_has_fast_bf16", refuse)
 
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
     """fake_cpu(bf16=True) makes the CPU probe say this CPU has (or lacks) fast bf16."""
     def set_cpu(bf16: bool) -> None:
-        monkeypatch.setattr("qlora_kit.quant._cpu_has_fast_bf16", lambda: bf16)
+        monkeypatch.setattr("qlora_kit.dtypes.cpu_has_fast_bf16", lambda: bf16)
 
     return set_cpu
 

@@ -695,7 +695,7 @@ def test_a_full_disk_is_recognised_in_safetensors_words_too():
 
 
 def test_disk_full_while_saving_an_adapter(tiny_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    import qlora_kit.adapters
 
     model, _ = load_model(tiny_dir, quant=FP32, load_tokenizer=False, **QUIET)
     add_lora(model, LoraConfig(r=4))
@@ -705,7 +705,7 @@ def test_disk_full_while_saving_an_adapter(tiny_dir, tmp_path, monkeypatch):
     def full(*_, **__):
         raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(qlora_kit.adapters, "save_file", full)
     message = api_error(save_adapter, model, tmp_path / "a")
     assert message.startswith(f"not enough disk space for the adapter {tmp_path / 'a'}: it needs 28.2 KiB in ")
     assert message.endswith("is free; free some space or choose another folder")

@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 from qlora_kit import (LoraConfig, QLoraKitError, QuantConfig, add_lora, export_merged, load_adapter, load_model,
                        lora_layers, save_adapter, to_plain_lora)
 from qlora_kit.config import LoraSection
-from qlora_kit.inits import INIT_FILE, INITS, top_singular
+from qlora_kit.adapters import INIT_FILE
+from qlora_kit.inits import top_singular
+from qlora_kit.lora import INITS
+from qlora_kit.record import record_of
 from qlora_kit.lora import lora_delta
 from qlora_kit.quant import roundtrip
 
@@ -183,7 +186,7 @@ def test_plain_lora_conversion_loads_in_peft_on_the_original_model(tiny_dir, tmp
     save_adapter(model, tmp_path / "a")
     to_plain_lora(tmp_path / "a", tmp_path / "plain")
     raw = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
-    assert raw["r"] == 8 and raw["lora_alpha"] == 2 * model.lora_config.alpha
+    assert raw["r"] == 8 and raw["lora_alpha"] == 2 * record_of(model).lora.alpha
     assert not (tmp_path / "plain" / INIT_FILE).exists()
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "plain")).eval()
@@ -221,7 +224,7 @@ def test_changed_base_needs_its_folder_and_quantisation(tiny_dir, tmp_path):
     with pytest.raises(QLoraKitError, match="quantised as"):
         load_adapter(load(tiny_dir, bits=8), tmp_path / "a")
     orphan = load(tiny_dir)
-    del orphan.source_path
+    record_of(orphan).source = None
     with pytest.raises(QLoraKitError, match="load_model"):
         add_lora(orphan, LoraConfig(r=4, init="loftq"))
     (tmp_path / "a" / INIT_FILE).unlink()

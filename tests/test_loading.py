@@ -6,12 +6,13 @@ import shutil
 import sys
 
 import pytest
-import safetensors
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_kit import QLoraKitError, QuantConfig, QuantLinear, load_model
-from qlora_kit.quant import fast_dtype, roundtrip
+from qlora_kit import QLoraKitError, QuantConfig, QuantLinear, load_model, tensorfiles
+from qlora_kit.dtypes import fast_dtype
+from qlora_kit.quant import roundtrip
+from qlora_kit.record import record_of
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "llama-tied"])
@@ -37,7 +38,7 @@ def test_auto_loads_in_the_probed_dtype(tiny_dir, fake_cpu, fast_bf16, expected)
     fake_cpu(fast_bf16)
     auto, _ = load_model(tiny_dir, progress=False)  # "auto": bf16 where the hardware is fast at it, else fp32
     assert auto.get_input_embeddings().weight.dtype == expected == fast_dtype("cpu")
-    assert auto.quant_config.compute_dtype == expected
+    assert record_of(auto).quant.compute_dtype == expected
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-tied"])
@@ -189,14 +190,14 @@ def test_loaded_model_keeps_no_view_of_the_checkpoint(sharded_dirs, monkeypatch,
     before = rss_file()
 
     mapped_at_open = []
-    real_open = safetensors.safe_open  # the loader opens every shard through it, one after another
+    real_open = tensorfiles.safe_open  # the loader opens every shard through it, one after another
 
     def watched_open(*args, **kw):
         mapped_at_open.append(mapped_files(folder))
         return real_open(*args, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(safetensors, "safe_open", watched_open)
+        patch.setattr(tensorfiles, "safe_open", watched_open)
         model, _ = load_model(folder, **kwargs)
 
     assert len(mapped_at_open) >= 2 * len(shards)  # headers counted, then tensors read

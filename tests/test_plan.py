@@ -25,6 +25,7 @@ from qlora_kit.losses import causal_lm_loss, chunked_lm_loss
 from qlora_kit.plan import (GiB, PRESETS, ModelShape, _block_constants, _block_saved_per_token, _loss_bytes,
                             quantized_bytes, resolve_shape)
 from qlora_kit.quant import QuantizedWeight, QuantLinear
+from qlora_kit.record import record_of
 
 SHAPE = dict(hidden=128, intermediate=176, heads=4, kv_heads=2)   # q_proj's A (32 x 128) is 8-bit-optimiser sized
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -152,8 +153,8 @@ def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, 
     targeted = {n.rsplit(".", 1)[-1] for n in lora_layers(model)}
     shape = resolve_shape(model)
     cb = torch.finfo(dtype).bits // 8
-    predicted = (_block_saved_per_token(shape, model.lora_config, targeted, cb) * batch * seq
-                 + _block_constants(shape, model.lora_config, targeted) + nbytes(rotary))
+    predicted = (_block_saved_per_token(shape, record_of(model).lora, targeted, cb) * batch * seq
+                 + _block_constants(shape, record_of(model).lora, targeted) + nbytes(rotary))
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
@@ -262,12 +263,10 @@ def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     assert predicted == pytest.approx(peak, rel=0.05)
 
 
-def test_auto_compute_dtype_follows_the_hardware_probe(monkeypatch):
+def test_auto_compute_dtype_follows_the_hardware_probe(fake_cpu):
     """'auto' on CPU is bf16 where the CPU multiplies bf16 fast, else fp32; the plan follows it."""
-    import qlora_kit.quant
-
     for fast, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(qlora_kit.quant, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        fake_cpu(fast)
         auto = plan_memory("llama-2-7b", QuantConfig(), batch=2, seq_len=1024, device="cpu")
         named = plan_memory("llama-2-7b", QuantConfig(compute_dtype=dtype), batch=2, seq_len=1024, device="cpu")
         assert auto.settings["compute_dtype"] == named.settings["compute_dtype"] == str(dtype).removeprefix("torch.")

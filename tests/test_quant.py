@@ -116,7 +116,7 @@ def test_bad_quant_config(kwargs, needle):
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
 def test_auto_dtype_on_cuda_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
-    from qlora_kit.quant import fast_dtype
+    from qlora_kit.dtypes import fast_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -154,7 +154,7 @@ def assert_quantised_as_bitsandbytes_does(w: torch.Tensor, quant_type: str, doub
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_on_cpu_follows_the_probe(fake_cpu, has_bf16, expected):
-    from qlora_kit.quant import fast_dtype
+    from qlora_kit.dtypes import fast_dtype
 
     fake_cpu(has_bf16)
     assert fast_dtype("cpu") is expected

@@ -3,10 +3,9 @@
 import json
 
 import torch
-from safetensors.torch import save_file
 
 from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, rank_report, save_adapter
-from qlora_kit.adapters import peft_config_dict
+from qlora_kit.adapters import Adapter
 from qlora_kit.cli import main as cli_main
 from qlora_kit.rank import energy_rank, product_singular_values
 
@@ -18,12 +17,10 @@ def synthetic_adapter(folder, true_rank=3, r=8, d=96, k=64):
     tensors, modules = {}, ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
     for name in modules:
         b = torch.randn(d, true_rank, generator=g) @ torch.randn(true_rank, r, generator=g)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, k, generator=g)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    folder.mkdir()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(peft_config_dict(config, modules)))
-    return config, tensors
+        tensors[f"{name}.lora_A.weight"] = torch.randn(r, k, generator=g)
+        tensors[f"{name}.lora_B.weight"] = b
+    Adapter(config, tensors, target_modules=["q_proj", "up_proj"]).write(folder)
+    return config, {f"base_model.model.{k}": v for k, v in tensors.items()}
 
 
 def test_qr_spectrum_equals_dense_svd():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from qlora_kit import QLoraKitError
 from qlora_kit.config import config_from_dict
-from qlora_kit.quant import dtype_name
+from qlora_kit.dtypes import dtype_name
 from qlora_kit.trainer import MAX_SKIPPED_IN_A_ROW, train
 
 ROOT = Path(__file__).resolve().parents[1]
