@@ -20,8 +20,8 @@ attention; transformers undoes it when it reads a GGUF. Qwen2 in llama.cpp uses 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import torch
 from .errors import QLoraKitError, closest, first_few
 from .export import (DISK_ADVICE, DISK_MARGIN, MERGE_BASES, _check_disk, _progress, _reference_logits,
                      check_export_target, prepare_merge)
-from .io import disk_full_as_error, human_bytes, sweep_stale, tmp_path
+from .io import atomic_file, disk_full_as_error, human_bytes
 from .models import resolve_model_path
 from .quant import QuantConfig
 
@@ -87,13 +87,10 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
 
     writer_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent, out.name)
-    tmp = tmp_path(out)
     marker = json.dumps({"adapter": str(job.adapter), "merge_into": job.merge_into, "gguf_type": gguf_type})
-    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE):
-        writer = gguf.GGUFWriter(tmp, arch)
-        try:
+    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE), \
+            atomic_file(out) as tmp:
+        with _closing(gguf.GGUFWriter(tmp, arch)) as writer:
             _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
             writer.add_string(MARKER_KEY, marker)
             for name, (shape, qtype, nbytes) in layout.values():
@@ -109,32 +106,36 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
                     name, (shape, qtype, nbytes) = layout[key]
                     writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
                     bar.update(1)
-            writer.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            written_s = time.perf_counter() - started
-            report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
-                      "gguf_type": gguf_type, "architecture": arch, **job.summary(),
-                      "tensors": len(layout), "out_bytes": tmp.stat().st_size,
-                      "base_bytes": sum(f.stat().st_size for f in job.files),
-                      "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
-                                              if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
-                      "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
-                                    "tokens": len(tokenizer["tokens"])},
-                      "verify": None}
-            if verify:
-                report["verify"] = verify_gguf(tmp, job)
-            os.replace(tmp, out)
-        except BaseException:
-            try:
-                writer.close()  # on a full disk its last flush fails too
-            except OSError:
-                pass
-            tmp.unlink(missing_ok=True)
-            raise
+        written_s = time.perf_counter() - started
+        report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
+                  "gguf_type": gguf_type, "architecture": arch, **job.summary(),
+                  "tensors": len(layout), "out_bytes": tmp.stat().st_size,
+                  "base_bytes": sum(f.stat().st_size for f in job.files),
+                  "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
+                                          if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
+                  "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
+                                "tokens": len(tokenizer["tokens"])},
+                  "verify": None}
+        if verify:
+            report["verify"] = verify_gguf(tmp, job)
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report
+
+
+@contextlib.contextmanager
+def _closing(writer):
+    """Close the writer when done, and after a failure too, where its last flush may fail as well
+    (a full disk): the failure that stopped the export is the one raised."""
+    try:
+        yield writer
+    except BaseException:
+        try:
+            writer.close()
+        except OSError:
+            pass
+        raise
+    writer.close()
 
 
 MARKER_KEY = "qlora_kit.export"  # our own key in the file's metadata (llama.cpp ignores unknown keys)
