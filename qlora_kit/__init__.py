@@ -14,8 +14,7 @@ The flow is one way: load (quantise) -> add adapters -> train -> save adapter ->
 
 from .adapters import load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
-from .export import export_merged
-from .gguf_export import export_gguf
+from .export import export_gguf, export_merged
 from .loading import load_model, set_gradient_checkpointing
 from .lora import (LoraConfig, LoraLinear, add_lora, lora_delta, lora_layers, lora_state_dict, merge_lora,
                    merged_state_dict, trainable_parameters)
