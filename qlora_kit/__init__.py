@@ -15,8 +15,7 @@ The flow is one way: load (quantise) -> add adapters -> train -> save adapter ->
 from .adapt import add_lora, merge_lora, merged_state_dict, trainable_parameters
 from .adapters import Adapter, load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
-from .export import export_merged
-from .gguf_export import export_gguf
+from .export import export_gguf, export_merged
 from .loading import load_model, set_gradient_checkpointing
 from .lora import LoraConfig, LoraLinear, lora_delta, lora_layers, lora_state_dict
 from .models import fetch_model, smollm2_path

@@ -1,6 +1,6 @@
 """Writing without losing anything.
 
-- A folder or file appears complete under its final name, or not at all (`atomic_dir`,
+- A folder or file appears complete under its final name, or not at all (`atomic_dir`, `atomic_file`,
   `atomic_write_text`): it is written under a temporary name beside its place, then renamed.
 - Nothing is replaced before its replacement is complete; the swap is one atomic rename exchange
   (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, the old copy kept under `.old-` until
@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import QLoraKitError
 
@@ -80,6 +80,26 @@ def swap_in(new: Path, out: Path) -> None:
         os.replace(new, out)
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file at; on success it takes `path`'s place.
+
+    The caller has decided that `path` may be replaced (`check_replace`). The file is fsynced before
+    the rename; an exception removes it and leaves `path` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, path.name)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

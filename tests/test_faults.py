@@ -444,14 +444,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_dir, t
 
 
 def test_disk_full_during_export_keeps_the_previous_export(tiny_dir, adapter, tmp_path, monkeypatch, capsys):
-    import qlora_kit.export as export
-    import qlora_kit.gguf_export as gguf_export
+    import qlora_kit.export.gguf as gguf_export
+    import qlora_kit.export.shards as shards
 
     out = tmp_path / "merged"
     export_merged(tiny_dir, adapter, out, verify=False, **QUIET)
     export_gguf(tiny_dir, adapter, tmp_path / "m.gguf", verify=False, **QUIET)
     before = snapshot(out), snapshot(tmp_path / "m.gguf")
-    monkeypatch.setattr(export._ShardWriter, "write", enospc)
+    monkeypatch.setattr(shards.ShardWriter, "write", enospc)
     monkeypatch.setattr(gguf_export, "_encode", enospc)
     line = cli_error(capsys, "export", "--base", str(tiny_dir), "--adapter", str(adapter), "--out", str(out),
                      "--overwrite", "--no-verify")

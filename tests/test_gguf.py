@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
-import qlora_kit.gguf_export as gguf_export
+import qlora_kit.export.gguf as gguf_export
 from qlora_kit import QLoraKitError, QuantConfig, export_gguf, export_merged
 from qlora_kit.cli import main as cli_main
 from test_export import trained_adapter

@@ -31,7 +31,7 @@ def run(args) -> int:
     from ..errors import QLoraKitError
 
     if args.format == "gguf":
-        from ..gguf_export import export_gguf, format_gguf_report
+        from ..export import export_gguf, format_gguf_report
 
         if args.dtype is not None:
             raise QLoraKitError("--dtype sets safetensors weights; for GGUF choose --gguf-type f16, bf16 or q8_0")

@@ -20,19 +20,22 @@ attention; transformers undoes it when it reads a GGUF. Qwen2 in llama.cpp uses 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import QLoraKitError, closest, first_few
-from .export import (DISK_ADVICE, DISK_MARGIN, MERGE_BASES, _check_disk, _progress, _reference_logits,
-                     check_export_target, prepare_merge)
-from .io import disk_full_as_error, human_bytes, sweep_stale, tmp_path
-from .models import resolve_model_path
-from .quant import QuantConfig
+from ..errors import QLoraKitError, closest, first_few
+from ..io import atomic_file, disk_full_as_error
+from ..models import resolve_model_path
+from ..quant import QuantConfig
+from .job import prepare_merge, progress_bar
+from .merge import MERGE_BASES
+from .shards import Entry
+from .target import DISK_ADVICE, DISK_MARGIN, check_disk, check_export_target
+from .verify import verify_gguf
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # Hugging Face model_type -> llama.cpp architecture. Mistral is a Llama to llama.cpp.
@@ -44,8 +47,6 @@ _LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
 Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 int8 weights and one fp16 scale per block
-TOKENIZER_CHECKS = ["Hello, world! How are you today?", "  two spaces, tabs\tand\nnew lines",
-                    "Zahlen 12345 und Umlaute: äöü ß, emoji 🙂", "<|im_start|>user\nhi<|im_end|>\n"]
 
 
 def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str = "f16",
@@ -83,17 +84,14 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     tokenizer = _tokenizer_metadata(job.base, config["vocab_size"])
     layout = _layout(job.plan, config, gguf_type)
     out_bytes = sum(nbytes for _, (_, _, nbytes) in layout.values())
-    _check_disk(out, out_bytes)
+    check_disk(out, out_bytes)
 
     writer_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent, out.name)
-    tmp = tmp_path(out)
     marker = json.dumps({"adapter": str(job.adapter), "merge_into": job.merge_into, "gguf_type": gguf_type})
-    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE):
-        writer = gguf.GGUFWriter(tmp, arch)
-        try:
+    with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE), \
+            atomic_file(out) as tmp:
+        with _closing(gguf.GGUFWriter(tmp, arch)) as writer:
             _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
             writer.add_string(MARKER_KEY, marker)
             for name, (shape, qtype, nbytes) in layout.values():
@@ -102,39 +100,43 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            with _progress(len(layout), progress) as bar:
+            with progress_bar(len(layout), progress) as bar:
                 for key, tensor in job.merged_tensors(torch.float32):
                     if key not in layout:
                         continue
                     name, (shape, qtype, nbytes) = layout[key]
                     writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
                     bar.update(1)
-            writer.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            written_s = time.perf_counter() - started
-            report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
-                      "gguf_type": gguf_type, "architecture": arch, **job.summary(),
-                      "tensors": len(layout), "out_bytes": tmp.stat().st_size,
-                      "base_bytes": sum(f.stat().st_size for f in job.files),
-                      "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
-                                              if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
-                      "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
-                                    "tokens": len(tokenizer["tokens"])},
-                      "verify": None}
-            if verify:
-                report["verify"] = verify_gguf(tmp, job)
-            os.replace(tmp, out)
-        except BaseException:
-            try:
-                writer.close()  # on a full disk its last flush fails too
-            except OSError:
-                pass
-            tmp.unlink(missing_ok=True)
-            raise
+        written_s = time.perf_counter() - started
+        report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
+                  "gguf_type": gguf_type, "architecture": arch, **job.summary(),
+                  "tensors": len(layout), "out_bytes": tmp.stat().st_size,
+                  "base_bytes": sum(f.stat().st_size for f in job.files),
+                  "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
+                                          if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
+                  "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
+                                "tokens": len(tokenizer["tokens"])},
+                  "verify": None}
+        if verify:
+            report["verify"] = verify_gguf(tmp, job)
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report
+
+
+@contextlib.contextmanager
+def _closing(writer):
+    """Close the writer when done, and after a failure too, where its last flush may fail as well
+    (a full disk): the failure that stopped the export is the one raised."""
+    try:
+        yield writer
+    except BaseException:
+        try:
+            writer.close()
+        except OSError:
+            pass
+        raise
+    writer.close()
 
 
 MARKER_KEY = "qlora_kit.export"  # our own key in the file's metadata (llama.cpp ignores unknown keys)
@@ -286,7 +288,7 @@ def _pre_tokenizer_name(pre: dict) -> str:
 
 # ---------------------------------------------------------------- tensors
 
-def _layout(plan, config: dict, gguf_type: str) -> dict[str, tuple[str, tuple[tuple[int, ...], object, int]]]:
+def _layout(plan: list[Entry], config: dict, gguf_type: str) -> dict[str, tuple[str, tuple[tuple[int, ...], object, int]]]:
     """{base key: (GGUF name, (shape, GGML type, bytes))} in file order; tied lm_head and rotary buffers dropped."""
     from gguf import GGMLQuantizationType as Q
 
@@ -352,55 +354,3 @@ def _encode(w: torch.Tensor, qtype):
     if qtype == Q.BF16:
         return w.bfloat16().view(torch.int16).numpy()
     return quantize(w.numpy(), Q.Q8_0)
-
-
-# ---------------------------------------------------------------- verification and report
-
-def verify_gguf(path: Path, job, seq_len: int = 32) -> dict:
-    """Read the file back with transformers: logits against the adapter on the quantised base (fp32,
-    the reference the safetensors export is checked against), and tokenizer ids against the base's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(path.parent), path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
-    reference = _reference_logits(job.base, job.adapter, job.quant, ids)
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    error = float(torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference))
-    del model
-
-    ours, theirs = AutoTokenizer.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(str(job.base))
-    mismatched = [text for text in TOKENIZER_CHECKS if ours(text)["input_ids"] != theirs(text)["input_ids"]]
-    if mismatched:
-        raise QLoraKitError(f"the GGUF tokenizer encodes {first_few(repr(t) for t in mismatched)} differently from "
-                            f"{job.base}'s tokenizer; the file was not written")
-    return {"batch": list(ids.shape), "logit_rel_error": error, "tokenizer_strings": len(TOKENIZER_CHECKS),
-            "reference": "adapter on the quantised base, fp32 compute" if job.quant else "adapter on the base, fp32"}
-
-
-def format_gguf_report(report: dict) -> str:
-    """What was written, how close it reads back, and where the time went."""
-    lines = [
-        "qlora_kit GGUF export",
-        f"base:       {report['base']}",
-        f"adapter:    {report['adapter']} (r={report['lora']['r']}, alpha={report['lora']['alpha']}, "
-        f"scale={report['lora']['scale']:.4g}), merged into the {report['merge_into']} base",
-        f"written:    {report['out']}: {report['tensors']} tensors, {human_bytes(report['out_bytes'])} "
-        f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {human_bytes(report['base_bytes'])})",
-        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre']}, "
-        f"{report['tokenizer']['tokens']} tokens",
-    ]
-    if report["f16_fallbacks"]:
-        lines.append(f"f16:        {len(report['f16_fallbacks'])} matrices whose rows are not a multiple of 32 "
-                     f"({first_few(report['f16_fallbacks'], 3)})")
-    v = report["verify"]
-    if v is None:
-        lines.append("verify:     skipped")
-    else:
-        lines.append(f"verify:     transformers reads it back; logits vs {v['reference']} on a {v['batch']} batch: "
-                     f"relative error {v['logit_rel_error']:.3e}; tokenizer ids identical on "
-                     f"{v['tokenizer_strings']} strings")
-    t = report.get("times_s", {})
-    lines.append(f"time:       write {t.get('write', 0):.1f} s, verify {t.get('verify', 0):.1f} s")
-    return "\n".join(lines) + "\n"
