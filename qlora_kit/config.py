@@ -7,13 +7,15 @@
 
 Unknown keys are errors that name the nearest valid key; values are checked for type, range and
 finiteness before anything is loaded, so a typo costs a second, not a model load. Relative paths in a
-YAML file (data files, output.dir, a model folder) are relative to that file.
+YAML file (data files, output.dir, a model folder) are relative to that file. The quant and lora
+sections take their keys and defaults from QuantConfig and LoraConfig: a field added there is a key here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,35 +34,47 @@ class ModelSection:
     trust_remote_code: bool = False
 
 
+YAML_TYPES = (bool, int, float, str, list, type(None))  # the types of value a config field takes from YAML
+
+
+def _yaml_types(hint) -> tuple[type, ...]:
+    """The types YAML can write of a field's type: `str | list[str]` is (str, list), `torch.dtype | str` is str."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(k for k in (typing.get_origin(k) or k for k in kinds) if k in YAML_TYPES)
+
+
+def _fields_of(target: type, omit: tuple[str, ...] = (), nullable: tuple[str, ...] = ()) -> type:
+    """A dataclass with the fields and defaults of `target` (less `omit`, whose values come from elsewhere),
+    typed as YAML writes them; `nullable` fields may also be null. One list of fields, the target's."""
+    hints = typing.get_type_hints(target)
+    fields = []
+    for f in dataclasses.fields(target):
+        if f.name in omit:
+            continue
+        kinds = _yaml_types(hints[f.name]) + ((type(None),) if f.name in nullable else ())
+        default = field(default_factory=f.default_factory) if f.default is dataclasses.MISSING else f.default
+        fields.append((f.name, typing.Union[kinds], default))
+    return dataclasses.make_dataclass(f"{target.__name__}Fields", fields, namespace={"__module__": __name__})
+
+
+def _values(section) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
 @dataclass
-class QuantSection:
-    bits: int | None = 4             # 4, 8, or null for an unquantised (bf16) base
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    compute_dtype: str = "auto"      # auto: bf16 where fast (GPU, AVX512-BF16 CPU), else fp16/fp32
+class QuantSection(_fields_of(QuantConfig, nullable=("bits",))):
+    """QuantConfig's fields; `bits: null` (or `quant: null`) loads the base unquantised."""
 
     def build(self) -> QuantConfig | None:
-        if self.bits is None:
-            return None
-        return QuantConfig(self.bits, self.quant_type, self.double_quant, self.blocksize, self.compute_dtype)
+        return None if self.bits is None else QuantConfig(**_values(self))
 
 
 @dataclass
-class LoraSection:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: typing.Union[str, list] = "all-linear"
-    rslora: bool = False
-    dtype: str = "auto"              # adapter matmul dtype; auto = the model's compute dtype
-    init: str = "default"            # default | orthogonal | svd (PiSSA) | loftq (needs a quantised base)
-    init_iters: int = 1              # LoftQ rounds
-    shared_dropout: bool = True      # q/k/v and gate/up share one dropout mask (false: PEFT's independent masks)
+class LoraSection(_fields_of(LoraConfig, omit=("seed",))):
+    """LoraConfig's fields; the seed that initialises the adapters is the run's train.seed."""
 
     def build(self, seed: int) -> LoraConfig:
-        return LoraConfig(self.r, self.alpha, self.dropout, self.targets, self.rslora, self.dtype, seed,
-                          self.init, self.init_iters, self.shared_dropout)
+        return LoraConfig(**_values(self), seed=seed)
 
 
 @dataclass
@@ -139,7 +153,7 @@ class RunConfig:
         _check(not t.fsdp or t.optimizer == "adamw", "train.optimizer", t.optimizer,
                "cannot step sharded (FSDP) parameters: use optimizer: adamw with fsdp: true")
         _check(t.schedule in SCHEDULES, "train.schedule", t.schedule,
-               "use cosine, linear or constant")
+               f"use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
         _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
                "use auto, cpu or cuda")
         _check(d.max_seq_len >= 8, "data.max_seq_len", d.max_seq_len, "must be at least 8")
@@ -150,8 +164,6 @@ class RunConfig:
         self.quant.build()
         self.lora.build(t.seed)
         return self
-
-
 
 
 def _check(ok: bool, key: str, value, advice: str) -> None:

@@ -7,13 +7,20 @@ LoRA case) gets its input gradient computed while each chunk's logits exist, so 
 runs twice per step, as in an unchunked loss; a trainable head falls back to checkpointing each
 chunk (three matmuls). Positions whose label is ignored (prompt tokens, padding) are dropped
 before the head, which also saves their matmul.
+
+`LossScaler` keeps fp16 training's loss inside fp16's range (dynamic loss scaling); with bf16 or
+fp32 compute it does nothing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .errors import QLoraKitError
 
 IGNORE_INDEX = -100
 
@@ -91,3 +98,54 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     total, n = chunked_lm_loss(model.get_output_embeddings(), out.last_hidden_state, labels, chunk_tokens)
     return total / max(n, 1), n
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute (torch.amp.GradScaler), and the count of skipped steps.
+
+    fp16 keeps 5 exponent bits: gradients below 6e-8 flush to zero, and one large activation
+    gradient overflows. The scaler multiplies the loss by 2^16 before the backward pass, unscales
+    the gradients before clipping, and skips the optimiser step when any of them is inf/NaN,
+    halving the scale; after 2000 clean steps it doubles it. bf16 and fp32 have fp32's exponent
+    range and need none of this: the scaler is then a no-op."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+        self.skipped = 0          # steps skipped in this run, resumed part included
+        self.skipped_in_a_row = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale(self, optimizer) -> None:
+        if self.enabled:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> bool:
+        """Step unless the gradients overflowed; True when the step was taken."""
+        if not self.enabled:
+            optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        taken = self.scaler.get_scale() >= before
+        self.skipped_in_a_row = 0 if taken else self.skipped_in_a_row + 1
+        self.skipped += not taken
+        return taken
+
+    @property
+    def scale_value(self) -> float:
+        return self.scaler.get_scale()
+
+    def state_dict(self) -> dict:
+        return {**self.scaler.state_dict(), "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict | None, where: Path) -> None:
+        if state is None:
+            raise QLoraKitError(f"checkpoint {where} holds no loss scale: it was written by a bf16/fp32 run, and "
+                                "this run computes in fp16; resume it with the compute dtype it was trained with")
+        state = dict(state)
+        self.skipped, self.skipped_in_a_row = state.pop("skipped", 0), state.pop("skipped_in_a_row", 0)
+        self.scaler.load_state_dict(state)

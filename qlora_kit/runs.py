@@ -1,4 +1,4 @@
-"""The run folder on disk: whether a run may start, resume or replace one there, and its checkpoints.
+"""The run folder on disk: whether a run may start, resume or replace one there.
 
     OUT/run.json               the config and the fingerprint a resume must match; written when training begins
     OUT/metrics.jsonl          one row per optimiser step
@@ -14,8 +14,7 @@ What a folder holds decides what may happen to it, before anything is read (`pla
                                    is written beside it and swapped in only once it has finished
     anything else                  the user's: never written into
 
-A checkpoint is written only when every tensor in it is finite, and read back whole before any of it
-is used: a damaged newest checkpoint is reported and the one before it is used instead.
+What a checkpoint holds, and how one is written, read back and restored: qlora_kit.checkpoints.
 """
 
 from __future__ import annotations
@@ -27,27 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from .adapters import Adapter, save_adapter
+from .checkpoints import checkpoints, latest_checkpoint
 from .errors import QLoraKitError, first_few
-from .io import (atomic_dir, atomic_write_text, check_free, disk_full_as_error, refuse_overlap, swap_in, sweep_stale,
-                 tmp_path, unknown_entries)
-from .lora import LoraConfig
+from .io import atomic_write_text, disk_full_as_error, refuse_overlap, swap_in, sweep_stale, tmp_path, unknown_entries
 from .models import model_location
-from .state import load_tree, save_tree
 
 RUN_FILE = "run.json"
 RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "loss.png", "checkpoints", "adapter", "merged")
-JSON_MARGIN = 2**20  # trainer_state.json, the trees' JSON skeletons and file-system slack
-
-
-class DamagedCheckpoint(QLoraKitError):
-    """A checkpoint folder whose files cannot all be read back (truncated, missing, non-finite)."""
-
-
-class NonFiniteCheckpoint(QLoraKitError):
-    """A checkpoint that was not written because its tensors hold inf or NaN."""
 
 
 def fingerprint(config) -> dict:
@@ -55,22 +40,6 @@ def fingerprint(config) -> dict:
     return {"model": str(config.model.path), "quant": config.quant.__dict__, "r": config.lora.r,
             "targets": config.lora.targets, "rslora": config.lora.rslora,
             **({"init": config.lora.init} if config.lora.init != "default" else {})}
-
-
-# ---------------------------------------------------------------- the folder
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoints/step-N folders, oldest first."""
-    found = []
-    for p in (Path(run_dir) / "checkpoints").glob("step-*"):
-        if p.name[5:].isdigit() and p.is_dir():
-            found.append((int(p.name[5:]), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -179,109 +148,3 @@ def run_folder(plan: RunPlan, config, main: bool, say: Callable[[str], None] = p
     if main and plan.mode == "replace":
         swap_in(plan.dir, plan.final)
         say(f"qlora-kit: the new run replaced the previous one in {plan.final}")
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def _tensors(tree, where: str = ""):
-    """(path, tensor) for every tensor in a nested structure of dicts, lists and tuples."""
-    if isinstance(tree, torch.Tensor):
-        yield where, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _tensors(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _tensors(v, f"{where}[{i}]")
-
-
-def non_finite(trees: dict) -> str | None:
-    """'adapter (model.layers.0...lora_B.weight)' for the first tensor holding inf/NaN, else None."""
-    for name, tree in trees.items():
-        for where, t in _tensors(tree):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"the {name} ({where})"
-    return None
-
-
-def save_checkpoint(run_dir: Path, step: int, model, adapter: dict, optim_state: dict, trainer_state: dict,
-                    keep_last: int, rng_states: list[dict], advice: str | Callable[[], str] = "") -> Path:
-    """Write checkpoints/step-N atomically (adapter, optimiser, trainer state, one RNG state per process),
-    then keep the newest `keep_last`. Refuses tensors that are not finite: a checkpoint is always good."""
-    out = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
-    bad = non_finite({"adapter": adapter, "optimiser state": optim_state})
-    if bad:
-        raise NonFiniteCheckpoint(f"checkpoint {out.name} was not written: {bad} holds non-finite values")
-    needed = sum(t.numel() * t.element_size() for tree in (adapter, optim_state, rng_states)
-                 for _, t in _tensors(tree)) + JSON_MARGIN
-    what = f"checkpoint {out.name}"
-    check_free(out.parent, needed, what, advice() if callable(advice) else advice)
-    with disk_full_as_error(out.parent, needed, what, advice), atomic_dir(out, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", tensors=adapter)
-        save_tree(optim_state, tmp, "optimizer")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": len(rng_states), **trainer_state}))
-        for rank, rng in enumerate(rng_states):
-            save_tree(rng, tmp, f"rng-{rank}")
-    for old in checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-@dataclass
-class Checkpoint:
-    """Everything in one checkpoint folder, read and checked, nothing applied yet."""
-
-    path: Path
-    step: int
-    state: dict                       # trainer_state.json: scheduler, loss scale, world
-    lora: LoraConfig
-    adapter: dict[str, torch.Tensor]
-    optimizer: dict
-    rng: list[dict]                   # one per process
-
-
-def read_checkpoint(ckpt: Path, world: int) -> Checkpoint:
-    """Read every file of a checkpoint; DamagedCheckpoint when any is missing, truncated or not finite."""
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        step = int(state["step"])
-        state["scheduler"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DamagedCheckpoint(f"checkpoint {ckpt} is damaged (trainer_state.json: "
-                                f"{' '.join(str(e).split()) or type(e).__name__})") from None
-    if state.get("world", 1) != world:
-        raise QLoraKitError(f"checkpoint {ckpt} was written by {state.get('world')} processes; resume it with "
-                            f"the same number (this run has {world})")
-    try:
-        record = Adapter.read(ckpt / "adapter")
-        lora, adapter = record.lora, record.tensors
-    except QLoraKitError as e:
-        raise DamagedCheckpoint(f"checkpoint {ckpt} is damaged ({e})") from None
-    try:
-        optimizer = load_tree(ckpt, "optimizer")
-        rng = [load_tree(ckpt, f"rng-{r}") for r in range(world)]
-    except QLoraKitError as e:
-        raise DamagedCheckpoint(str(e)) from None
-    bad = non_finite({"adapter": adapter, "optimiser state": optimizer})
-    if bad:
-        raise DamagedCheckpoint(f"checkpoint {ckpt} is damaged ({bad} holds non-finite values)")
-    return Checkpoint(ckpt, step, state, lora, adapter, optimizer, rng)
-
-
-def newest_readable(run_dir: Path, world: int, say: Callable[[str], None] = print) -> Checkpoint:
-    """The newest checkpoint that reads back whole; each damaged newer one is reported and skipped."""
-    damaged = []
-    for ckpt in reversed(checkpoints(run_dir)):
-        try:
-            found = read_checkpoint(ckpt, world)
-        except DamagedCheckpoint as e:
-            damaged.append(str(e))
-            say(f"qlora-kit: {e}; trying the checkpoint before it")
-            continue
-        if damaged:
-            say(f"qlora-kit: resuming from {ckpt.name}, the newest checkpoint that reads back whole")
-        return found
-    if not damaged:
-        raise QLoraKitError(f"nothing to resume: {run_dir} has no checkpoint; start the run without --resume")
-    raise QLoraKitError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} can be read back ({damaged[0]}): the run "
-                        "cannot be resumed; start it again with --overwrite")

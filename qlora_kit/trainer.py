@@ -5,10 +5,17 @@
 A run folder holds run.json (the config), metrics.jsonl, loss.png, checkpoints/step-N/ (adapter,
 optimiser, scheduler, RNG and data position, each written atomically; the last `keep_last` kept)
 and adapter/ (the final adapter, PEFT layout); qlora_kit.runs says when one may be started, resumed
-or replaced. Nothing is written until training begins. `resume=True` continues from the newest
-checkpoint and ends with the same adapter as an uninterrupted run: the data order depends only on
-(seed, epoch), and every random state is restored. `overwrite=True` trains beside the old run and
-replaces it only when the new one has finished.
+or replaced, and qlora_kit.checkpoints writes, reads and restores the checkpoints. Nothing is written
+until training begins. `resume=True` continues from the newest checkpoint and ends with the same
+adapter as an uninterrupted run: the data order depends only on (seed, epoch), and every random
+state is restored. `overwrite=True` trains beside the old run and replaces it only when the new one
+has finished.
+
+`train` runs in phases, each a function below, in this order: setup (config, processes, what happens
+to output.dir), data (read and split the files, tokenise them once the tokenizer is loaded), model
+(load, adapters, gradient checkpointing, sharding, optimiser, scheduler, loss scaler), resume (a
+checkpoint's state, or the seed), loop (steps, metrics, evals, checkpoints) and finish (final
+adapter, loss plot, optional export).
 
 Data-parallel runs go through accelerate (`accelerate launch`, or `torchrun` on CPU): each process
 takes every world-th micro-batch, and gradients are averaged across processes.
@@ -20,37 +27,40 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import time
 import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, layer_shapes, save_adapter
+from .adapters import save_adapter
+from .checkpoints import (NonFiniteCheckpoint, latest_checkpoint, newest_readable, restore_checkpoint, rng_state,
+                          save_checkpoint, trainer_state)
 from .config import RunConfig, config_from_dict, load_config
-from .data import DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
+from .data import DataStats, Dataset, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
-from .fsdp import (full_lora_state, load_lora_state, load_optimizer_state, local_packed_bytes,
-                   optimizer_state, shard_model)
+from .fsdp import full_lora_state, local_packed_bytes, optimizer_state, shard_model
 from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
 from .adapt import add_lora, trainable_parameters
-from .losses import causal_lm_loss
+from .losses import LossScaler, causal_lm_loss
 from .modeltree import decoder_layers
 from .models import resolve_model_path
-from .record import record_of
 from .optim import build_optimizer, build_scheduler
-from .runs import (Checkpoint, NonFiniteCheckpoint, RunPlan, latest_checkpoint, newest_readable, plan_run, run_folder,
-                   save_checkpoint)
+from .runs import RunPlan, plan_run, run_folder
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 _STEP_DELAY = float(os.environ.get("QLORA_KIT_STEP_DELAY", "0") or 0)
+MAX_SKIPPED_IN_A_ROW = 25  # fp16: from the initial scale 2^16 this is a scale below 2^-9, far past any overflow
 
 
 class LossModule(nn.Module):
@@ -76,87 +86,88 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-MAX_SKIPPED_IN_A_ROW = 25  # fp16: from the initial scale 2^16 this is a scale below 2^-9, far past any overflow
+@dataclass
+class Run:
+    """What every phase reads: the validated config, the processes, and where the run writes."""
 
-
-class LossScaler:
-    """Dynamic loss scaling for fp16 compute (torch.amp.GradScaler), and the count of skipped steps.
-
-    fp16 keeps 5 exponent bits: gradients below 6e-8 flush to zero, and one large activation
-    gradient overflows. The scaler multiplies the loss by 2^16 before the backward pass, unscales
-    the gradients before clipping, and skips the optimiser step when any of them is inf/NaN,
-    halving the scale; after 2000 clean steps it doubles it. bf16 and fp32 have fp32's exponent
-    range and need none of this: the scaler is then a no-op."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled = enabled
-        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
-        self.skipped = 0          # steps skipped in this run, resumed part included
-        self.skipped_in_a_row = 0
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss)
-
-    def unscale(self, optimizer) -> None:
-        if self.enabled:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer) -> bool:
-        """Step unless the gradients overflowed; True when the step was taken."""
-        if not self.enabled:
-            optimizer.step()
-            return True
-        before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        taken = self.scaler.get_scale() >= before
-        self.skipped_in_a_row = 0 if taken else self.skipped_in_a_row + 1
-        self.skipped += not taken
-        return taken
+    config: RunConfig
+    accelerator: Accelerator
+    plan: RunPlan
+    progress: bool
+    started: float
 
     @property
-    def scale_value(self) -> float:
-        return self.scaler.get_scale()
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    def state_dict(self) -> dict:
-        return {**self.scaler.state_dict(), "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
-
-    def load_state_dict(self, state: dict | None, where: Path) -> None:
-        if state is None:
-            raise QLoraKitError(f"checkpoint {where} holds no loss scale: it was written by a bf16/fp32 run, and "
-                                "this run computes in fp16; resume it with the compute dtype it was trained with")
-        state = dict(state)
-        self.skipped, self.skipped_in_a_row = state.pop("skipped", 0), state.pop("skipped_in_a_row", 0)
-        self.scaler.load_state_dict(state)
+    def say(self, text: str) -> None:
+        """Print once per run, not once per process."""
+        if self.main:
+            print(text)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Data:
+    """The tokenised datasets, and what reading the files counted."""
+
+    train: Dataset
+    eval: Dataset | None
+    pad_id: int
+    stats: DataStats
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@dataclass
+class Learner:
+    """The model and what trains it, as the model phase built them."""
+
+    base: Path                        # the base model's folder
+    model: nn.Module
+    loss_module: nn.Module            # what the forward and backward passes go through
+    params: list[nn.Parameter]        # the trainable ones, as the optimiser holds them (sharded ones when sharded)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: LossScaler
+    sharded: bool
+    total_steps: int
+    per_step: int                     # sequences per optimiser step, all processes together
+    trainable: int                    # parameter counts before sharding
+    total_params: int
 
 
-def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, rank: int, sharded: bool,
-                       scaler: LossScaler | None = None) -> int:
-    """Put a checkpoint's state into this run's model, optimiser, scheduler, loss scale and RNG; its step."""
-    Adapter(ckpt.lora, ckpt.adapter, path=ckpt.path / "adapter").check_fits(
-        layer_shapes(model), "this run's model", rank=record_of(model).lora.r, every=True)
-    load_lora_state(model, ckpt.adapter)
-    load_optimizer_state(optimizer, ckpt.optimizer, sharded)
-    scheduler.load_state_dict(ckpt.state["scheduler"])
-    if scaler is not None and scaler.enabled:
-        scaler.load_state_dict(ckpt.state.get("loss_scale"), ckpt.path)
-    _set_rng_state(ckpt.rng[rank])
-    return ckpt.step
+def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          export: bool | None = None) -> TrainResult:
+    """Fine-tune with LoRA on a quantised base as `config` says (a RunConfig, a YAML file, or a dict
+    with the YAML's sections); see the module docstring."""
+    run = _setup(config, resume, overwrite, progress)
+    train_records, eval_records, stats = _read_data(run)
+    base, model, tokenizer = _load_model(run)
+    data = _tokenise(run, train_records, eval_records, stats, tokenizer)  # with the model's own tokenizer
+    learner = _prepare_model(run, base, model, data)
+    start_step = _resume_or_seed(run, learner)
+    run.say(_summary(data, learner, start_step))
+    with run_folder(run.plan, run.config, run.main, run.say):
+        run.accelerator.wait_for_everyone()  # the main process has just created the folder
+        history, eval_before, eval_after = _loop(run, data, learner, start_step)
+        _save_final(run, learner, history)
+    return _finish(run, learner, history, eval_before, eval_after, export)
+
+
+# ---------------------------------------------------------------- setup
+
+def _setup(config: RunConfig | dict | str | Path, resume: bool, overwrite: bool, progress: bool) -> Run:
+    """The validated config, the processes, and what happens to output.dir."""
+    from accelerate import Accelerator
+
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    config = load_config(config) if isinstance(config, (str, Path)) else config.validate()
+    t = config.train
+    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu)
+    # What happens to output.dir is settled before anything is read, and nothing is written there
+    # until training begins: a bad data file or model costs no run folder.
+    plan = _decided_on_main(accelerator, lambda: plan_run(config, resume, overwrite))
+    return Run(config, accelerator, plan, progress, time.time())
 
 
 def _decided_on_main(accelerator, decide):
@@ -177,6 +188,40 @@ def _decided_on_main(accelerator, decide):
     return box[0]
 
 
+# ---------------------------------------------------------------- data
+
+def _read_data(run: Run) -> tuple[list[dict], list[dict], DataStats]:
+    """Training and held-out records; read before the model loads, so a bad data file fails fast."""
+    d, t = run.config.data, run.config.train
+    stats = DataStats()
+    records = read_jsonl(d.train, d.on_bad_line, stats)[: d.max_examples]
+    if d.eval:
+        return records, read_jsonl(d.eval, d.on_bad_line, stats), stats
+    train_records, eval_records = split(records, d.eval_fraction, t.seed)
+    return train_records, eval_records, stats
+
+
+def _tokenise(run: Run, train_records: list[dict], eval_records: list[dict], stats: DataStats, tokenizer) -> Data:
+    """The records as token ids and loss masks (packed when data.packing says so)."""
+    d = run.config.data
+    train_set = build_dataset(train_records, tokenizer, d.max_seq_len, d.packing, stats)
+    eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len, False) if eval_records else None
+    return Data(train_set, eval_set, tokenizer.pad_token_id, stats)
+
+
+# ---------------------------------------------------------------- model
+
+def _load_model(run: Run) -> tuple[Path, nn.Module, object]:
+    """(base folder, quantised model, prepared tokenizer), after the memory plan is printed."""
+    config = run.config
+    base = resolve_model_path(config.model.path)
+    if run.main:
+        announce_plan(base, config, run.accelerator.device)
+    model, tokenizer = load_model(base, quant=config.quant.build(), device=run.accelerator.device,
+                                  trust_remote_code=config.model.trust_remote_code, progress=run.progress and run.main)
+    return base, model, prepare_tokenizer(tokenizer)
+
+
 def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
     """Print the memory plan in one line, and warn before loading if it will not fit."""
     from .plan import check_fits, plan_memory
@@ -193,6 +238,141 @@ def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> 
     warning = check_fits(plan, device)
     if warning:
         warnings.warn(warning, stacklevel=2)
+
+
+def _prepare_model(run: Run, base: Path, model: nn.Module, data: Data) -> Learner:
+    """Adapters, gradient checkpointing, sharding or data-parallel wrapping, optimiser, scheduler, loss scaler."""
+    t, accelerator = run.config.train, run.accelerator
+    world = accelerator.num_processes
+    add_lora(model, run.config.lora.build(t.seed))
+    set_gradient_checkpointing(model, t.gradient_checkpointing)
+    trainable, total_params = trainable_parameters(model)
+
+    per_step = t.batch_size * t.grad_accum * world
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train) / per_step))
+    sharded = t.fsdp and world > 1
+    if sharded:  # FSDP2: each process keeps 1/world of every block's weights, packed 4-bit ones included
+        shard_model(model)
+        loss_module = LossModule(model, t.loss_chunk_tokens)
+        local, full = local_packed_bytes(model)
+        run.say(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
+                "of packed 4/8-bit weights")
+    else:
+        loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
+    # After sharding: FSDP replaces each parameter by a sharded one, and the optimiser must hold those.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
+    compute_dtype = model.get_input_embeddings().weight.dtype  # the loader's resolved compute dtype
+    if sharded and compute_dtype == torch.float16:
+        raise QLoraKitError("fp16 compute with fsdp: true is not supported (its loss scaling would have to see "
+                            "every shard); set quant.compute_dtype: bf16 (or fp32), or train without fsdp")
+    scaler = LossScaler(compute_dtype == torch.float16, accelerator.device)
+    if scaler.enabled:  # a skipped first step is expected, and the schedule follows steps, not updates
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    return Learner(base, model, loss_module, params, optimizer, scheduler, scaler, sharded, total_steps, per_step,
+                   trainable, total_params)
+
+
+# ---------------------------------------------------------------- resume
+
+def _resume_or_seed(run: Run, learner: Learner) -> int:
+    """The step training continues after: a resumed run's (its checkpoint restored), else 0 (the seed set)."""
+    rank = run.accelerator.process_index
+    if run.plan.mode == "resume":
+        ckpt = newest_readable(run.plan.dir, run.accelerator.num_processes, run.say)
+        return restore_checkpoint(ckpt, learner.model, learner.optimizer, learner.scheduler, rank, learner.sharded,
+                                  learner.scaler)
+    torch.manual_seed(run.config.train.seed + rank)  # dropout masks differ per process, reproducibly
+    return 0
+
+
+def _summary(data: Data, learner: Learner, start_step: int) -> str:
+    trainable, total = learner.trainable, learner.total_params
+    return (f"qlora-kit: {learner.base.name}, {trainable:,} trainable of {total:,} params "
+            f"({100 * trainable / total:.2f}%); data: {data.stats.summary()}; {learner.total_steps} steps of "
+            f"{learner.per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
+
+
+# ---------------------------------------------------------------- loop
+
+def _loop(run: Run, data: Data, learner: Learner, start_step: int) -> tuple[list[dict], float | None, float | None]:
+    """The optimiser steps from start_step + 1 to total_steps, with metrics, evals and checkpoints:
+    (the metrics rows, the held-out loss before training (a new run) and the last one measured)."""
+    t, accelerator, scaler = run.config.train, run.accelerator, learner.scaler
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    history = _read_history(run.plan.dir / "metrics.jsonl", upto=start_step) \
+        if run.main and run.plan.mode == "resume" else []
+    eval_before = eval_after = None
+    if data.eval is not None and start_step == 0:
+        eval_before = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, device, accelerator)
+        history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
+    batches = microbatches(data.train, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
+    with tqdm(total=learner.total_steps, initial=start_step, desc="training", unit="step",
+              disable=not (run.progress and run.main)) as bar:
+        learner.loss_module.train()
+        for step in range(start_step + 1, learner.total_steps + 1):
+            tick = time.time()
+            step_loss, tokens, taken = _step(run, data, learner, batches, step)
+            elapsed = time.time() - tick
+            row = {"step": step, "loss": step_loss, "lr": learner.scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
+            if scaler.enabled:
+                row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
+            if data.eval is not None and (step % t.eval_every == 0 or step == learner.total_steps):
+                eval_after = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, device, accelerator)
+                row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
+            history.append(row)
+            if run.main:
+                _append_row(run.plan, row)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['mem_mb']:.0f}MB", **({"skipped": scaler.skipped} if scaler.enabled else {}))
+            bar.update(1)
+            if _STEP_DELAY:
+                time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
+            if step % t.save_every == 0 or step == learner.total_steps:
+                _checkpoint(run, learner, step)
+    if scaler.enabled and run.main:
+        print(f"qlora-kit: fp16 loss scaling skipped {scaler.skipped} of {learner.total_steps} steps (overflow); "
+              f"final scale {scaler.scale_value:g}")
+    return history, eval_before, eval_before if eval_after is None else eval_after
+
+
+def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[float, int, bool]:
+    """One optimiser step over grad_accum micro-batches: (its loss, averaged over the processes; this
+    process's tokens; whether the step was taken). Stops the run when the loss or the weights diverge."""
+    t, accelerator, scaler = run.config.train, run.accelerator, learner.scaler
+    tokens, losses = 0, []
+    for micro in range(t.grad_accum):
+        _, batch = next(batches)
+        batch = {k: v.to(accelerator.device) for k, v in collate(batch, data.pad_id).items()}
+        sync = micro == t.grad_accum - 1
+        if learner.sharded:
+            for layer in decoder_layers(learner.model):
+                layer.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or learner.sharded else accelerator.no_sync(learner.loss_module):
+            loss, _ = learner.loss_module(**batch)
+            accelerator.backward(scaler.scale(loss / t.grad_accum))
+        losses.append(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
+        _diverged(run.plan, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
+                            "step")
+    scaler.unscale(learner.optimizer)
+    if t.max_grad_norm:
+        accelerator.clip_grad_norm_(learner.params, t.max_grad_norm)
+    taken = scaler.step(learner.optimizer)
+    learner.scheduler.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        _diverged(run.plan, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
+                            f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
+                            "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
+                            "quant.compute_dtype: bf16 or fp32 if the hardware has it")
+    if taken and not _all_finite(learner.params, accelerator):
+        _diverged(run.plan, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
+    return step_loss, tokens, taken
 
 
 def memory_mb(device: torch.device) -> float:
@@ -224,196 +404,28 @@ def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, devi
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          export: bool | None = None) -> TrainResult:
-    """Fine-tune with LoRA on a quantised base as `config` says (a RunConfig, a YAML file, or a dict
-    with the YAML's sections); see the module docstring."""
-    from accelerate import Accelerator
-
-    if isinstance(config, dict):
-        config = config_from_dict(config)
-    config = load_config(config) if isinstance(config, (str, Path)) else config.validate()
-    t, d = config.train, config.data
-    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    say = print if main else (lambda *_: None)
-    # What happens to output.dir is settled before anything is read, and nothing is written there
-    # until training begins: a bad data file or model costs no run folder.
-    plan = _decided_on_main(accelerator, lambda: plan_run(config, resume, overwrite))
-    started = time.time()
-
-    # Data first: a bad data file should fail before a model is loaded.
-    stats = DataStats()
-    records = read_jsonl(d.train, d.on_bad_line, stats)[: d.max_examples]
-    if d.eval:
-        train_records, eval_records = records, read_jsonl(d.eval, d.on_bad_line, stats)
-    else:
-        train_records, eval_records = split(records, d.eval_fraction, t.seed)
-
-    model_path = resolve_model_path(config.model.path)
-    quant = config.quant.build()
-    if main:
-        announce_plan(model_path, config, device)
-    model, tokenizer = load_model(model_path, quant=quant, device=device, trust_remote_code=config.model.trust_remote_code,
-                                  progress=progress and main)
-    tokenizer = prepare_tokenizer(tokenizer)
-    train_set = build_dataset(train_records, tokenizer, d.max_seq_len, d.packing, stats)
-    eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len, False) if eval_records else None
-    add_lora(model, config.lora.build(t.seed))
-    set_gradient_checkpointing(model, t.gradient_checkpointing)
-    trainable, total_params = trainable_parameters(model)
-
-    per_step = t.batch_size * t.grad_accum * world
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_set) / per_step))
-    sharded = t.fsdp and world > 1
-    if sharded:  # FSDP2: each process keeps 1/world of every block's weights, packed 4-bit ones included
-        shard_model(model)
-        loss_module = LossModule(model, t.loss_chunk_tokens)
-        local, full = local_packed_bytes(model)
-        say(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
-            "of packed 4/8-bit weights")
-    else:
-        loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
-    # After sharding: FSDP replaces each parameter by a sharded one, and the optimiser must hold those.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
-    compute_dtype = model.get_input_embeddings().weight.dtype  # the loader's resolved compute dtype
-    if sharded and compute_dtype == torch.float16:
-        raise QLoraKitError("fp16 compute with fsdp: true is not supported (its loss scaling would have to see "
-                            "every shard); set quant.compute_dtype: bf16 (or fp32), or train without fsdp")
-    scaler = LossScaler(compute_dtype == torch.float16, device)
-    if scaler.enabled:  # a skipped first step is expected, and the schedule follows steps, not updates
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-
-    start_step = 0
-    if plan.mode == "resume":
-        ckpt = newest_readable(plan.dir, world, say)
-        start_step = restore_checkpoint(ckpt, model, optimizer, scheduler, rank, sharded, scaler)
-    else:
-        torch.manual_seed(t.seed + rank)  # dropout masks differ per process, reproducibly
-    say(f"qlora-kit: {model_path.name}, {trainable:,} trainable of {total_params:,} params "
-        f"({100 * trainable / total_params:.2f}%); data: {stats.summary()}; {total_steps} steps of "
-        f"{per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
-
-    with run_folder(plan, config, main, say) as run_dir:
-        accelerator.wait_for_everyone()
-        metrics_path = run_dir / "metrics.jsonl"
-        history = _read_history(metrics_path, upto=start_step) if main and plan.mode == "resume" else []
-        eval_before = None
-        if eval_set is not None and start_step == 0:
-            eval_before = evaluate(loss_module, eval_set, t.batch_size, tokenizer.pad_token_id, device, accelerator)
-            history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
-        eval_after = _loop(plan, model, loss_module, optimizer, scheduler, scaler, params, train_set, eval_set,
-                           tokenizer.pad_token_id, start_step, total_steps, history, accelerator, progress, config)
-        if eval_after is None:
-            eval_after = eval_before
-        adapter = full_lora_state(model)
-        if main:
-            with disk_full_as_error(run_dir, _nbytes(adapter), "the final adapter", lambda: _disk_advice(plan)):
-                save_adapter(model, run_dir / "adapter", extra={"steps": total_steps}, tensors=adapter)
-                plot_history(history, run_dir / "loss.png")
-        accelerator.wait_for_everyone()
-    run_dir = plan.final
-    result = TrainResult(run_dir, run_dir / "adapter", total_steps, eval_before, eval_after, history,
-                         time.time() - started)
-    if main and (config.output.export if export is None else export):
-        from .export import export_merged  # the exporter streams from the base folder
-        export_merged(model_path, run_dir / "adapter", run_dir / "merged", dtype=config.output.export_dtype,
-                      overwrite=True)
-    return result
+def _append_row(plan: RunPlan, row: dict) -> None:
+    path, line = plan.dir / "metrics.jsonl", json.dumps(row) + "\n"
+    with disk_full_as_error(path, len(line), "metrics.jsonl", lambda: _disk_advice(plan)):
+        with open(path, "a") as f:
+            f.write(line)
 
 
-def _loop(plan: RunPlan, model, loss_module, optimizer, scheduler, scaler: LossScaler, params, train_set, eval_set,
-          pad_id: int, start_step: int, total_steps: int, history: list[dict], accelerator, progress: bool,
-          config: RunConfig) -> float | None:
-    """The optimiser steps from start_step + 1 to total_steps, with metrics, evals and checkpoints; the
-    last held-out loss measured (None when none was)."""
+def _checkpoint(run: Run, learner: Learner, step: int) -> None:
+    """Write checkpoint step-N; every process takes part (the adapter, optimiser and RNG states are
+    gathered for the main process to write)."""
     from accelerate.utils import gather_object
 
-    t = config.train
-    device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
-                                 accelerator.is_main_process)
-    sharded = t.fsdp and world > 1
-    metrics_path = plan.dir / "metrics.jsonl"
-    eval_after = None
-    batches = microbatches(train_set, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
-    with tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-              disable=not (progress and main)) as bar:
-        loss_module.train()
-        for step in range(start_step + 1, total_steps + 1):
-            tick, tokens, losses = time.time(), 0, []
-            for micro in range(t.grad_accum):
-                _, batch = next(batches)
-                batch = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-                sync = micro == t.grad_accum - 1
-                if sharded:
-                    for layer in decoder_layers(model):
-                        layer.set_requires_gradient_sync(sync)
-                with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(loss_module):
-                    loss, _ = loss_module(**batch)
-                    accelerator.backward(scaler.scale(loss / t.grad_accum))
-                losses.append(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-            step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-            if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
-                _diverged(plan, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
-                                "step")
-            scaler.unscale(optimizer)
-            if t.max_grad_norm:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            taken = scaler.step(optimizer)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                _diverged(plan, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
-                                f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
-                                "helps, so the model itself has diverged or fp16 cannot hold its activations. Use "
-                                "quant.compute_dtype: bf16 or fp32 if the hardware has it")
-            if taken and not _all_finite(params, accelerator):
-                _diverged(plan, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
-
-            elapsed = time.time() - tick
-            row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
-            if scaler.enabled:
-                row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
-            if eval_set is not None and (step % t.eval_every == 0 or step == total_steps):
-                eval_after = evaluate(loss_module, eval_set, t.batch_size, pad_id, device, accelerator)
-                row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
-            history.append(row)
-            if main:
-                line = json.dumps(row) + "\n"
-                with disk_full_as_error(metrics_path, len(line), "metrics.jsonl", lambda: _disk_advice(plan)):
-                    with open(metrics_path, "a") as f:
-                        f.write(line)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['mem_mb']:.0f}MB", **({"skipped": scaler.skipped} if scaler.enabled else {}))
-            bar.update(1)
-            if _STEP_DELAY:
-                time.sleep(_STEP_DELAY)  # lets tests kill a run between checkpoints
-            if step % t.save_every == 0 or step == total_steps:
-                rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
-                adapter, optim_state = full_lora_state(model), optimizer_state(optimizer, sharded)
-                if main:
-                    trainer_state = {"scheduler": scheduler.state_dict(),
-                                     **({"loss_scale": scaler.state_dict()} if scaler.enabled else {})}
-                    try:
-                        save_checkpoint(plan.dir, step, model, adapter, optim_state, trainer_state, t.keep_last,
-                                        rng_states, advice=lambda: _disk_advice(plan))
-                    except NonFiniteCheckpoint as e:
-                        _diverged(plan, str(e))
-                accelerator.wait_for_everyone()
-    if scaler.enabled and main:
-        print(f"qlora-kit: fp16 loss scaling skipped {scaler.skipped} of {total_steps} steps (overflow); "
-              f"final scale {scaler.scale_value:g}")
-    return eval_after
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * 4 for t in tensors.values())  # adapters are saved in fp32
+    rng_states = gather_object([rng_state()]) if run.accelerator.num_processes > 1 else [rng_state()]
+    adapter, optim_state = full_lora_state(learner.model), optimizer_state(learner.optimizer, learner.sharded)
+    if run.main:
+        try:
+            save_checkpoint(run.plan.dir, step, learner.model, adapter, optim_state,
+                            trainer_state(learner.scheduler, learner.scaler), run.config.train.keep_last, rng_states,
+                            advice=lambda: _disk_advice(run.plan))
+        except NonFiniteCheckpoint as e:
+            _diverged(run.plan, str(e))
+    run.accelerator.wait_for_everyone()
 
 
 def _disk_advice(plan: RunPlan) -> str:
@@ -451,6 +463,36 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+# ---------------------------------------------------------------- finish
+
+def _save_final(run: Run, learner: Learner, history: list[dict]) -> None:
+    """The final adapter (gathered from every process) and the loss plot, into the run folder."""
+    adapter = full_lora_state(learner.model)
+    if run.main:
+        run_dir = run.plan.dir
+        with disk_full_as_error(run_dir, _nbytes(adapter), "the final adapter", lambda: _disk_advice(run.plan)):
+            save_adapter(learner.model, run_dir / "adapter", extra={"steps": learner.total_steps}, tensors=adapter)
+            plot_history(history, run_dir / "loss.png")
+    run.accelerator.wait_for_everyone()
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in tensors.values())  # adapters are saved in fp32
+
+
+def _finish(run: Run, learner: Learner, history: list[dict], eval_before: float | None, eval_after: float | None,
+            export: bool | None) -> TrainResult:
+    """The result, once the run is in its final place; and the merged model when asked for."""
+    run_dir, config = run.plan.final, run.config
+    result = TrainResult(run_dir, run_dir / "adapter", learner.total_steps, eval_before, eval_after, history,
+                         time.time() - run.started)
+    if run.main and (config.output.export if export is None else export):
+        from .export import export_merged  # the exporter streams from the base folder
+        export_merged(learner.base, run_dir / "adapter", run_dir / "merged", dtype=config.output.export_dtype,
+                      overwrite=True)
+    return result
 
 
 def plot_history(history: list[dict], out: Path) -> None:

@@ -1,8 +1,10 @@
 """Run config: defaults, typo detection, type and range checks."""
 
+import dataclasses
+
 import pytest
 
-from qlora_kit import QLoraKitError
+from qlora_kit import LoraConfig, QLoraKitError, QuantConfig
 from qlora_kit.config import RunConfig, config_from_dict, load_config
 
 
@@ -49,3 +51,19 @@ def test_scientific_notation_string_and_null_quant(tmp_path):
 def test_missing_train_file_key():
     with pytest.raises(QLoraKitError, match="data.train"):
         RunConfig().validate()
+
+
+def test_quant_and_lora_sections_are_their_configs_fields_and_defaults():
+    run = RunConfig()
+    for section, target, omit in ((run.quant, QuantConfig(), ()), (run.lora, LoraConfig(), ("seed",))):
+        assert dataclasses.asdict(section) == {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+                                               if f.name not in omit}
+
+
+def test_sections_build_their_configs_and_the_lora_seed_is_the_runs():
+    cfg = config_from_dict({"data": {"train": "x.jsonl"}, "train": {"seed": 7},
+                            "quant": {"bits": 8, "compute_dtype": "bf16"}, "lora": {"r": 4, "targets": ["q_proj"]}})
+    assert cfg.quant.build() == QuantConfig(bits=8, compute_dtype="bf16")
+    assert cfg.lora.build(cfg.train.seed) == LoraConfig(r=4, targets=["q_proj"], seed=7)
+    with pytest.raises(QLoraKitError, match="unknown config key lora.seed"):
+        config_from_dict({"data": {"train": "x.jsonl"}, "lora": {"seed": 1}})

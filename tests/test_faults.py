@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import qlora_kit.runs as runs
+import qlora_kit.checkpoints as checkpoints
 from qlora_kit import LoraConfig, QLoraKitError, QuantConfig, add_lora, export_gguf, export_merged, load_model
 from qlora_kit import save_adapter
 from qlora_kit.cli import main as cli_main
@@ -340,13 +340,13 @@ def test_config_values_must_be_finite(tmp_path, section, key, text):
 def test_a_checkpoint_with_non_finite_tensors_is_never_written(tmp_path):
     model = None  # refused before the model is asked for anything
     adapter = {"model.layers.0.self_attn.q_proj.lora_B.weight": torch.tensor([[0.0, float("nan")]])}
-    with pytest.raises(runs.NonFiniteCheckpoint) as e:
-        runs.save_checkpoint(tmp_path, 3, model, adapter, {"state": {}}, {"scheduler": {}}, 2, [{}])
+    with pytest.raises(checkpoints.NonFiniteCheckpoint) as e:
+        checkpoints.save_checkpoint(tmp_path, 3, model, adapter, {"state": {}}, {"scheduler": {}}, 2, [{}])
     assert one_line(str(e.value)) == ("checkpoint step-0000003 was not written: the adapter "
                                       "(model.layers.0.self_attn.q_proj.lora_B.weight) holds non-finite values")
     optim = {"state": {0: {"exp_avg_sq": torch.tensor([float("inf")])}}}
-    with pytest.raises(runs.NonFiniteCheckpoint, match=r"the optimiser state \(state.0.exp_avg_sq\)"):
-        runs.save_checkpoint(tmp_path, 3, model, {}, optim, {"scheduler": {}}, 2, [{}])
+    with pytest.raises(checkpoints.NonFiniteCheckpoint, match=r"the optimiser state \(state.0.exp_avg_sq\)"):
+        checkpoints.save_checkpoint(tmp_path, 3, model, {}, optim, {"scheduler": {}}, 2, [{}])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -381,8 +381,8 @@ def damage(ckpt: Path, kind: str) -> None:
 def test_every_damaged_checkpoint_file_is_named_in_one_line(finished, tmp_path, kind):
     ckpt = Path(shutil.copytree(finished / "checkpoints" / "step-0000002", tmp_path / "step-0000002"))
     damage(ckpt, kind)
-    with pytest.raises(runs.DamagedCheckpoint) as e:
-        runs.read_checkpoint(ckpt, world=1)
+    with pytest.raises(checkpoints.DamagedCheckpoint) as e:
+        checkpoints.read_checkpoint(ckpt, world=1)
     message = one_line(str(e.value))
     assert message.startswith(f"checkpoint {ckpt} is " + DAMAGES[kind][2].format(ckpt=ckpt)), message
 
@@ -425,7 +425,7 @@ def enospc(*_, **__):
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    real, calls = runs.save_tree, {"n": 0}
+    real, calls = checkpoints.save_tree, {"n": 0}
 
     def save_tree(tree, folder, name):
         if name == "optimizer":
@@ -434,7 +434,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_dir, t
                 enospc()
         return real(tree, folder, name)
 
-    monkeypatch.setattr(runs, "save_tree", save_tree)
+    monkeypatch.setattr(checkpoints, "save_tree", save_tree)
     out = tmp_path / "run"
     message = api_error(train, run_config(tmp_path, tiny_dir, out), **QUIET)
     assert message.startswith("not enough disk space for checkpoint step-0000002: it needs 1.")
@@ -489,7 +489,7 @@ def test_a_really_full_disk_is_one_line_from_the_cli(tiny_dir, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     line = [x for x in done.stderr.splitlines() if x.startswith("qlora-kit ")]
     assert len(line) == 1 and line[0].startswith("qlora-kit train: error: not enough disk space for checkpoint "
-                                                 f"step-0000001: it needs 1."), line
+                                                 "step-0000001: it needs 1."), line
     assert f"MiB in {disk / 'run'} but only " in line[0]  # checkpoints/ does not exist yet
     assert line[0].endswith("KiB is free; free some space, then start the run again (no checkpoint was written yet)")
 
@@ -594,7 +594,7 @@ def test_ctrl_c_prints_the_exact_resume_command(tiny_dir, tmp_path):
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130 and "Traceback" not in err, err[-3000:]
     ours = [line for line in err.splitlines() if line.startswith("qlora-kit ")]
-    newest = runs.latest_checkpoint(tmp_path / "run")
+    newest = checkpoints.latest_checkpoint(tmp_path / "run")
     command = f"qlora-kit train {config} --set train.lr=4e-3 --resume"
     assert ours == [f"qlora-kit train: interrupted; the newest checkpoint is {newest}; to continue from it: {command}"]
     resumed = cli_process(*command.split()[1:], "--set", "train.max_steps=6", "--no-progress", timeout=600)

@@ -54,7 +54,7 @@ def run(args) -> int:
 
 def interrupted_hint(args, out, replacing: bool) -> str:
     """What Ctrl-C left behind, and the exact command that carries on from there."""
-    from ..runs import latest_checkpoint
+    from ..checkpoints import latest_checkpoint
 
     command = ["qlora-kit", "train", args.config, *(part for item in args.set for part in ("--set", item))]
     if replacing:
