@@ -1,45 +1,89 @@
-"""The end-to-end demo: fine-tune SmolLM2-135M-Instruct (4-bit) on chatterbot-corpus trivia, on a CPU.
+"""The main job: fine-tune SmolLM2-135M-Instruct (4-bit) to answer trivia in a JSON shape, on a CPU.
 
-    python -m qlora_kit.demo [--out runs/demo] [--epochs 3] [--quick]
+    python -m qlora_kit.demo [--out runs/demo] [--epochs 2] [--quick]
 
-Prints the held-out loss and the model's answers to held-out questions before and after training,
-saves the adapter, and exports a merged bf16 model. Everything comes from installed packages.
+Asks the held-out questions before and after training with the same instruction (see
+qlora_kit.demo_task), and prints what the fine-tune bought: held-out loss, format compliance, answer
+length and factual accuracy, the first few answers side by side, each phase's wall time and the
+peak memory. Saves the adapter, exports a merged bf16 model, and writes the summary as
+summary.json and summary.md beside them. Everything comes from installed packages.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
+import math
+import resource
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from .adapters import load_adapter
 from .config import config_from_dict
-from .datasets import chatterbot_records, write_jsonl
+from .datasets import write_jsonl
+from .demo_task import SYSTEM, question_of, reference_of, score, task_records
+from .export import export_merged
 from .generation import generate
+from .io import atomic_write_text
+from .loading import load_model
 from .models import smollm2_path
+from .trainer import train
 
-QUESTIONS_SHOWN = 4
+SHOWN = 4  # answers in the before/after table: the first SHOWN held-out questions, no picking
 
 
-def run(out: Path, epochs: float = 3.0, max_steps: int | None = None, export: bool = True,
-        overwrite: bool = True, answer_tokens: int = 32) -> dict:
-    from . import load_adapter, load_model
-    from .trainer import train
+class Phases:
+    """Wall time per named phase, in the order they ran."""
 
-    started = time.time()
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_mib() -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation where a GPU ran)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    out = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20}
+    if torch.cuda.is_available():
+        out["cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def ask(model_dir: Path, questions: list[str], answer_tokens: int, adapter: Path | None = None) -> list[str]:
+    model, tok = load_model(model_dir, progress=False)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    replies = generate(model, tok, questions, max_new_tokens=answer_tokens, system=SYSTEM, progress=True)
+    del model
+    return replies
+
+
+def run(out: Path, epochs: float = 2.0, max_steps: int | None = None, export: bool = True,
+        overwrite: bool = True, answer_tokens: int = 32, scored: int | None = None) -> dict:
+    """The demo; `scored` limits how many held-out questions are asked (all of them by default)."""
+    phases = Phases()
+    started = time.perf_counter()
     model_dir = smollm2_path()
-    records = chatterbot_records(["trivia"])
-    random.Random(0).shuffle(records)
-    held_out, train_records = records[:26], records[26:]
+    train_records, held_out = task_records()
     data_dir = out / "data"
     write_jsonl(train_records, data_dir / "train.jsonl")
     write_jsonl(held_out, data_dir / "eval.jsonl")
-    questions = [r["messages"][0]["content"] for r in held_out[:QUESTIONS_SHOWN]]
-    truths = [r["messages"][1]["content"] for r in held_out[:QUESTIONS_SHOWN]]
+    asked = held_out[:scored]
+    questions, references = [question_of(r) for r in asked], [reference_of(r) for r in asked]
 
-    base, tok = load_model(model_dir, progress=False)
-    before = generate(base, tok, questions, max_new_tokens=answer_tokens)
-    del base
+    with phases("ask before"):
+        before = ask(model_dir, questions, answer_tokens)
 
     config = config_from_dict({
         "model": {"path": str(model_dir)},
@@ -49,53 +93,90 @@ def run(out: Path, epochs: float = 3.0, max_steps: int | None = None, export: bo
                   "eval_every": 30, "save_every": 30, "schedule": "cosine"},
         "output": {"dir": str(out / "run")},
     })
-    result = train(config, overwrite=overwrite)
+    with phases("train"):
+        result = train(config, overwrite=overwrite)
 
-    model, tok = load_model(model_dir, progress=False)
-    load_adapter(model, result.adapter_dir)
-    after = generate(model, tok, questions, max_new_tokens=answer_tokens)
-    del model
+    with phases("ask after"):
+        after = ask(model_dir, questions, answer_tokens, result.adapter_dir)
 
     export_report = None
     if export:
-        from .export import export_merged
-        export_report = export_merged(model_dir, result.adapter_dir, out / "merged", dtype="bf16", overwrite=True)
+        with phases("export"):
+            export_report = export_merged(model_dir, result.adapter_dir, out / "merged", dtype="bf16", overwrite=True)
 
-    summary = {"eval_loss_before": result.eval_before, "eval_loss_after": result.eval_after,
-               "steps": result.steps, "train_wall_s": result.wall_s, "total_wall_s": time.time() - started,
-               "answers": list(zip(questions, truths, before, after)), "run_dir": str(result.run_dir),
-               "export": export_report}
-    print_summary(summary)
+    summary = {
+        "model": model_dir.name, "task": "chatterbot trivia, answers as JSON", "instruction": SYSTEM,
+        "held_out": len(asked), "steps": result.steps,
+        "eval_loss": {"before": result.eval_before, "after": result.eval_after},
+        "before": score(before, references), "after": score(after, references),
+        "answers": [{"question": q, "reference": ref, "before": b, "after": a}
+                    for q, ref, b, a in list(zip(questions, references, before, after))[:SHOWN]],
+        "phases_s": {**phases.seconds, "total": time.perf_counter() - started},
+        "peak_memory": peak_memory_mib(),
+        "run_dir": str(result.run_dir),
+        "export": None if export_report is None else {
+            "out": str(export_report["out"]),
+            "logit_rel_error": (export_report.get("verify") or {}).get("logit_rel_error", {})},
+    }
+    text = format_summary(summary)
+    print("\n" + text)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", text + "\n")
     return summary
 
 
-def print_summary(s: dict) -> None:
-    import math
+def _clip(text: str, n: int = 60) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= n else text[: n - 1] + "…"
 
-    print("\n=== qlora_kit demo: SmolLM2-135M-Instruct, 4-bit NF4 base, LoRA r16, chatterbot trivia ===")
-    print(f"held-out loss  {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}   "
-          f"(perplexity {math.exp(s['eval_loss_before']):.1f} -> {math.exp(s['eval_loss_after']):.1f})")
-    print(f"{s['steps']} steps, training {s['train_wall_s']:.0f} s, whole demo {s['total_wall_s']:.0f} s")
-    for q, truth, b, a in s["answers"]:
-        print(f"\nQ: {q}\n   reference: {truth}\n   before:    {b[:160]}\n   after:     {a[:160]}")
-    print(f"\nrun folder: {s['run_dir']} (adapter/, metrics.jsonl, loss.png, checkpoints/)")
-    rep = s.get("export")
-    if rep:
-        errors = (rep.get("verify") or {}).get("logit_rel_error", {})
-        shown = ", ".join(f"{base} {err:.2e}" for base, err in errors.items())
-        print(f"merged bf16 model: {rep['out']}" + (f" (relative logit error vs the 4-bit model with adapter, "
-                                                   f"by merge base: {shown}; see report.txt)" if shown else ""))
+
+def format_summary(s: dict) -> str:
+    """The summary as Markdown: it reads the same in a terminal and in the README."""
+    b, a, loss = s["before"], s["after"], s["eval_loss"]
+    lines = [
+        f"### qlora_kit demo: {s['model']}, 4-bit NF4, LoRA r16, {s['task']}",
+        "",
+        f"Instruction (same before and after): `{s['instruction']}`",
+        f"Held out: {s['held_out']} questions the model never trained on; {s['steps']} training steps.",
+        "",
+        "| held-out measure | before | after |",
+        "|---|---|---|",
+        f"| loss on the reference answers | {loss['before']:.3f} | {loss['after']:.3f} |",
+        f"| perplexity | {math.exp(loss['before']):.1f} | {math.exp(loss['after']):.1f} |",
+        f"| format: reply is exactly {{\"answer\": ...}} | {b['format']:.0%} | {a['format']:.0%} |",
+        f"| median answer length, words | {b['words']:g} | {a['words']:g} |",
+        f"| accuracy: answer contains the reference | {b['accuracy']:.0%} | {a['accuracy']:.0%} |",
+        "",
+        f"The first {len(s['answers'])} held-out questions:",
+        "",
+        "| question | reference | before | after |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {_clip(r['question'], 50)} | {_clip(r['reference'], 30)} | {_clip(r['before'])} | {_clip(r['after'])} |"
+              for r in s["answers"]]
+    times = ", ".join(f"{name} {sec:.0f} s" for name, sec in s["phases_s"].items())
+    memory = f"peak RSS {s['peak_memory']['rss_mib']:.0f} MiB"
+    if "cuda_mib" in s["peak_memory"]:
+        memory += f", peak CUDA {s['peak_memory']['cuda_mib']:.0f} MiB"
+    lines += ["", f"Wall time: {times}. Memory: {memory}.", f"Run folder: {s['run_dir']} (adapter/, metrics.jsonl, "
+              "loss.png, checkpoints/)."]
+    if s["export"]:
+        errors = ", ".join(f"{base} {err:.2e}" for base, err in s["export"]["logit_rel_error"].items())
+        lines.append(f"Merged bf16 model: {s['export']['out']}" +
+                     (f" (relative logit error against the 4-bit model with adapter, by merge base: {errors})"
+                      if errors else "") + ".")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", type=Path)
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--quick", action="store_true", help="a few steps and questions only (for tests)")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
     run(args.out, args.epochs, max_steps=6 if args.quick else None, export=not args.no_export,
-        answer_tokens=12 if args.quick else 32)
+        answer_tokens=12 if args.quick else 32, scored=SHOWN if args.quick else None)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import QLoraKitError
 
@@ -14,22 +15,25 @@ def check_prompts(prompts: list[str]) -> None:
             raise QLoraKitError(f"prompt {i} is empty ({prompt!r}): give the text the model should answer or continue")
 
 
-def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
+def format_prompt(tokenizer, prompt: str, chat: bool = True, system: str | None = None) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if not system else f"{system}\n\n{prompt}"
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True) -> list[str]:
-    """Greedy answers, one per prompt (the model is put in eval mode and left there)."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True,
+             system: str | None = None, progress: bool = False) -> list[str]:
+    """Greedy answers, one per prompt (the model is put in eval mode and left there); `system` is a system
+    message put before each prompt."""
     check_prompts(prompts)
     model.eval()
     device = model.get_input_embeddings().weight.device
     answers = []
-    for prompt in prompts:
-        enc = tokenizer(format_prompt(tokenizer, prompt, chat), return_tensors="pt", add_special_tokens=False).to(device)
+    for prompt in tqdm(prompts, desc="generating", unit="prompt", disable=not progress, leave=False):
+        enc = tokenizer(format_prompt(tokenizer, prompt, chat, system), return_tensors="pt",
+                        add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                              else tokenizer.eos_token_id)

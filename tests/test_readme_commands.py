@@ -1,5 +1,6 @@
 """The README's commands, run as a user would (the slow ones against the packaged SmolLM2)."""
 
+import json
 import os
 import re
 import subprocess
@@ -42,11 +43,15 @@ def test_generate_reports_missing_model_cleanly(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_trains_and_exports(tmp_path):
-    """The main job's code path, shortened to a few steps: before/after figures, adapter, merged export."""
+    """The main job's code path, shortened to a few steps: before/after table, phase times, adapter, export."""
     out = run("qlora_kit.demo", "--quick", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-3000:]
-    loss = re.search(r"held-out loss\s+([\d.]+) -> ([\d.]+)", out.stdout)
+    loss = re.search(r"\| loss on the reference answers \| ([\d.]+) \| ([\d.]+) \|", out.stdout)
     assert loss and float(loss.group(2)) < float(loss.group(1))
-    assert out.stdout.count("before:") == 4 and out.stdout.count("after:") == 4
+    assert re.search(r"\| format: reply is exactly .* \| \d+% \| \d+% \|", out.stdout)
+    assert re.search(r"Wall time: ask before \d+ s, train \d+ s, ask after \d+ s, export \d+ s, total", out.stdout)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert len(summary["answers"]) == 4 and summary["before"]["n"] == 4 and summary["peak_memory"]["rss_mib"] > 0
+    assert (tmp_path / "demo" / "summary.md").read_text().strip() in out.stdout
     assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "merged" / "report.json").is_file()
