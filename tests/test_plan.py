@@ -22,9 +22,9 @@ from qlora_kit import (LoraConfig, QLoraKitError, QuantConfig, add_lora, check_f
 from qlora_kit.cli import main
 from qlora_kit.lora import lora_layers
 from qlora_kit.losses import causal_lm_loss, chunked_lm_loss
-from qlora_kit.plan import (GiB, PRESETS, ModelShape, _block_constants, _block_saved_per_token, _loss_bytes,
-                            quantized_bytes, resolve_shape)
+from qlora_kit.plan import GiB, _block_constants, _block_saved_per_token, _loss_bytes, quantized_bytes
 from qlora_kit.quant import QuantizedWeight, QuantLinear
+from qlora_kit.shapes import PRESETS, ModelShape, resolve_shape
 
 SHAPE = dict(hidden=128, intermediate=176, heads=4, kv_heads=2)   # q_proj's A (32 x 128) is 8-bit-optimiser sized
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
