@@ -179,7 +179,8 @@ def _decided_on_main(accelerator, decide):
 
 def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
     """Print the memory plan in one line, and warn before loading if it will not fit."""
-    from .plan import check_fits, plan_memory
+    from .fit import check_fits
+    from .plan import plan_memory
 
     t = config.train
     try:

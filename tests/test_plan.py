@@ -490,7 +490,7 @@ def test_cli_bad_input_exits_2(capsys):
 
 def test_fit_table_agrees_with_the_plans():
     from qlora_kit import fit_table
-    from qlora_kit.plan import COLAB_GPUS
+    from qlora_kit.fit import COLAB_GPUS
 
     table = fit_table(["mistral-7b", "qwen2.5-32b"], seq_len=1024, quant=BF16)
     header, mistral, qwen = table.splitlines()
