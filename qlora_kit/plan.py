@@ -85,7 +85,7 @@ def quantized_bytes(numel: int, rows: int, quant: QuantConfig) -> tuple[int, int
 # Activations
 
 
-def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
+def block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
     """Bytes per token that one decoder block keeps for its backward pass, besides its input.
 
     Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
@@ -132,7 +132,7 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
     return total
 
 
-def _block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) -> int:
+def block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) -> int:
     """Bytes that one block's adapters save whatever the tokens: each B scaled (and cast) for the
     forward pass, and each A cast to the adapter dtype where that is not fp32."""
     ab = torch.finfo(lora.dtype).bits // 8
@@ -143,7 +143,7 @@ def _block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) ->
     return total
 
 
-def _block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: QuantConfig | None,
+def block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: QuantConfig | None,
                               checkpointed: bool) -> int:
     """The most that one block's backward pass creates at once, on top of what the block saved.
 
@@ -170,7 +170,7 @@ def _block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: Qu
     return max(mlp, norm)
 
 
-def _shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str], tokens: int) -> int:
+def shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str], tokens: int) -> int:
     """The dropped input that LoRA's shared-dropout slot still holds after a block's forward pass
     (qlora_kit.lora keeps the last one, for siblings that read the same input): the input of the
     block's last adapter, in the adapter dtype. With checkpointing it outlives the block."""
@@ -181,7 +181,7 @@ def _shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str
     return ab * last * tokens
 
 
-def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
+def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
     """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head), whatever the compute
     dtype: a chunk's fp32 logits (a 16-bit head output is cast and freed before anything else is
     allocated), logsumexp's fp32 scratch of the same size, and from the second chunk on the
@@ -317,12 +317,12 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
 
     tokens = batch * seq_len
     h = shape.hidden
-    per_block = _block_saved_per_token(shape, lora, targeted, cb) * tokens + _block_constants(shape, lora, targeted)
+    per_block = block_saved_per_token(shape, lora, targeted, cb) * tokens + block_constants(shape, lora, targeted)
     residual = cb * h * tokens
     rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables   # cos and sin, shared by the blocks
-    transient = _block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
+    transient = block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
     # Around the head: the final norm's fp32 input and its output, the loss's copy of the positions
-    # it scores (the input gradient is in _loss_bytes).
+    # it scores (the input gradient is in loss_bytes).
     final_norm = (4 + 2 * cb) * h * tokens
     # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
     # one: the peak is what stays alive throughout plus the larger of those two phases.
@@ -332,7 +332,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
         # still holds its graph's embedding output and one gradient of the same size; and the
         # shared-dropout slot holds the last block's dropped input.
-        around_loss = 2 * residual + _shared_dropout_bytes(shape, lora, targeted, tokens)
+        around_loss = 2 * residual + shared_dropout_bytes(shape, lora, targeted, tokens)
     else:
         # Each block's first norm saves its fp32 input (with fp32 compute the block's input itself,
         # which per_block leaves out), except the first block's: its input needs no gradient.
@@ -340,7 +340,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         kept = shape.layers * per_block + norm_inputs + rotary
         block_phase = transient
         around_loss = 0
-    logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
+    logits = loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
     loss_peak = around_loss + final_norm + logits >= block_phase
     activations = int(kept + (around_loss + final_norm if loss_peak else block_phase))
     logits = logits if loss_peak else 0
