@@ -159,8 +159,9 @@ def predict_load(memory_plan, folder: Path) -> dict:
     blocks and int32 codes (4 + 4 bytes per weight) and the uint8 codes with their packed halves
     (2 bytes), next to the bf16 tensor read (2 bytes). The quantiser's part runs over slices of at
     most QUANT_CHUNK weights (qlora_kit.quant), the read tensor and its cast over the whole weight."""
-    from qlora_kit.plan import CPU_INTERPRETER_BYTES, resolve_shape
+    from qlora_kit.plan import CPU_INTERPRETER_BYTES
     from qlora_kit.quant import QUANT_CHUNK
+    from qlora_kit.shapes import resolve_shape
 
     c = memory_plan.components
     shape = resolve_shape(folder)
@@ -175,7 +176,7 @@ def predict_load(memory_plan, folder: Path) -> dict:
 
 def linear_weights(folder: Path, trainable: int) -> int:
     """Weights a step multiplies by: every decoder linear layer, the output head and the adapters."""
-    from qlora_kit.plan import resolve_shape
+    from qlora_kit.shapes import resolve_shape
 
     shape = resolve_shape(folder)
     return shape.layers * sum(a * b for _, a, b, _ in shape.linears()) + shape.vocab * shape.hidden + trainable

@@ -16,10 +16,11 @@ from .adapt import add_lora, merge_lora, merged_state_dict, trainable_parameters
 from .adapters import Adapter, load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
 from .export import export_gguf, export_merged
+from .fit import check_fits, fit_table
 from .loading import load_model, set_gradient_checkpointing
 from .lora import LoraConfig, LoraLinear, lora_delta, lora_layers, lora_state_dict
 from .models import fetch_model, smollm2_path
-from .plan import MemoryPlan, check_fits, fit_table, plan_memory
+from .plan import MemoryPlan, plan_memory
 from .quant import QuantConfig, QuantLinear
 from .rank import plot_spectra, rank_report
 from .trainer import train

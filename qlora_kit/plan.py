@@ -1,5 +1,10 @@
 """How much memory a QLoRA run needs, computed from the model's config before anything is loaded.
 
+Owns the memory model: the bytes of each component of a training step's peak (COMPONENTS), the
+terms behind them, the fitted overhead constants with the measurements they come from, MemoryPlan
+and plan_memory. The model's shape comes from qlora_kit.shapes, optimiser state from
+qlora_kit.optim; whether a plan fits a card or this device is qlora_kit.fit's question.
+
 Three kinds of numbers live here. Static bytes (quantised weights and their constants, unquantised
 weights, adapters, their gradients, optimiser state) are exact: they repeat, tensor for tensor, what
 `load_model`, `add_lora` and the optimisers allocate. Dynamic bytes (activations, logits and their
@@ -21,7 +26,6 @@ Without checkpointing every block keeps its internals from the forward pass to t
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,23 +34,12 @@ import torch
 
 from .errors import QLoraKitError, closest
 from .lora import LoraConfig
-from .modeltree import select_targets
-from .models import resolve_model_path
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, optimizer_bytes
 from .quant import QuantConfig, dtype_name, resolve_dtype
+from .shapes import FAMILIES, ModelShape, resolve_shape, target_layers
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
-
-# Usable memory as the cards report it (nvidia-smi totals), for the verdict table.
-GPUS = {
-    "RTX 3060 12GB": 12288 * MiB,
-    "T4 16GB": 15360 * MiB,
-    "RTX 3090/4090 24GB": 24576 * MiB,
-    "A100 40GB": 40960 * MiB,
-    "A100 80GB": 81920 * MiB,
-    "H100 80GB": 81559 * MiB,
-}
 
 
 # Framework overhead (the `overhead` line); the only terms here that are not derived from shapes.
@@ -72,158 +65,6 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 CUDA_FRAGMENTATION = 0.20
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Model shape: the numbers of a config.json that decide memory
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A decoder-only transformer's shape, as far as memory is concerned."""
-
-    name: str
-    family: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    norms_per_layer: int = 2      # gemma 2/3 have four
-    qk_norm: bool = False         # qwen3 / gemma 3 normalise q and k per head
-    rotary_tables: int = 1        # gemma 3 has a local and a global rotary embedding
-
-    def linears(self) -> list[tuple[str, int, int, bool]]:
-        """(module path inside a block, in_features, out_features, has_bias) for one decoder block."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return [
-            ("self_attn.q_proj", h, q, self.qkv_bias),
-            ("self_attn.k_proj", h, kv, self.qkv_bias),
-            ("self_attn.v_proj", h, kv, self.qkv_bias),
-            ("self_attn.o_proj", q, h, self.o_bias),
-            ("mlp.gate_proj", h, i, self.mlp_bias),
-            ("mlp.up_proj", h, i, self.mlp_bias),
-            ("mlp.down_proj", i, h, self.mlp_bias),
-        ]
-
-    def parameters(self) -> int:
-        """Total parameter count (an embedding tied to the head counts once)."""
-        per_layer = sum(i * o + (o if b else 0) for _, i, o, b in self.linears())
-        per_layer += self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
-        head = 0 if self.tied else self.vocab * self.hidden
-        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
-
-
-# family -> (default tie_word_embeddings, norms per layer, q/k norm, rotary tables)
-_FAMILIES = {
-    "llama": (False, 2, False, 1), "mistral": (False, 2, False, 1), "qwen2": (False, 2, False, 1),
-    "qwen3": (True, 2, True, 1), "gemma": (True, 2, False, 1), "gemma2": (True, 4, False, 1),
-    "gemma3_text": (True, 4, True, 2),
-}
-_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-def shape_from_config(config: dict, name: str = "model") -> ModelShape:
-    """Read a config.json (as a dict) into a ModelShape; missing fields are named in the error."""
-    if "text_config" in config and "hidden_size" not in config:  # multimodal wrappers (Gemma 3 4B+)
-        text = dict(config["text_config"])
-        text.setdefault("model_type", config.get("model_type", "") + "_text")
-        config = {**text, "tie_word_embeddings": config.get("tie_word_embeddings", text.get("tie_word_embeddings"))}
-    missing = [k for k in _REQUIRED if config.get(k) is None]
-    if missing:
-        raise QLoraKitError(f"{name}: config.json lacks {', '.join(missing)}, which the memory plan needs "
-                            "(a decoder-only causal LM config has them all)")
-    family = str(config.get("model_type", "llama"))
-    if family == "gemma3":
-        family = "gemma3_text"
-    tied_default, norms, qk_norm, rotary = _FAMILIES.get(family, _FAMILIES["llama"])
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    tied = config.get("tie_word_embeddings")
-    attention_bias = bool(config.get("attention_bias", False))
-    return ModelShape(
-        name=name, family=family, hidden=hidden, intermediate=int(config["intermediate_size"]),
-        layers=int(config["num_hidden_layers"]), heads=heads,
-        kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
-        tied=tied_default if tied is None else bool(tied),
-        qkv_bias=True if family == "qwen2" else attention_bias,
-        o_bias=False if family == "qwen2" else attention_bias,
-        mlp_bias=bool(config.get("mlp_bias", False)),
-        norms_per_layer=norms, qk_norm=qk_norm, rotary_tables=rotary)
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets: public config.json numbers of the popular families (decoder only)
-
-
-def _p(family, hidden, inter, layers, heads, kv, vocab, head_dim=None, tied=None, **extra) -> dict:
-    cfg = {"model_type": family, "hidden_size": hidden, "intermediate_size": inter,
-           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-           "vocab_size": vocab, **extra}
-    if head_dim:
-        cfg["head_dim"] = head_dim
-    if tied is not None:
-        cfg["tie_word_embeddings"] = tied
-    return cfg
-
-
-PRESETS: dict[str, dict] = {
-    "llama-65b": _p("llama", 8192, 22016, 80, 64, 64, 32000),          # LLaMA 1, the QLoRA paper's 65B
-    "llama-2-7b": _p("llama", 4096, 11008, 32, 32, 32, 32000),
-    "llama-2-13b": _p("llama", 5120, 13824, 40, 40, 40, 32000),
-    "llama-2-70b": _p("llama", 8192, 28672, 80, 64, 8, 32000),
-    "llama-3.1-8b": _p("llama", 4096, 14336, 32, 32, 8, 128256),
-    "llama-3.1-70b": _p("llama", 8192, 28672, 80, 64, 8, 128256),
-    "mistral-7b": _p("mistral", 4096, 14336, 32, 32, 8, 32768),         # v0.3
-    "qwen2.5-7b": _p("qwen2", 3584, 18944, 28, 28, 4, 152064, tied=False),
-    "qwen2.5-14b": _p("qwen2", 5120, 13824, 48, 40, 8, 152064, tied=False),
-    "qwen2.5-32b": _p("qwen2", 5120, 27648, 64, 40, 8, 152064, tied=False),
-    "qwen2.5-72b": _p("qwen2", 8192, 29568, 80, 64, 8, 152064, tied=False),
-    "gemma-2-2b": _p("gemma2", 2304, 9216, 26, 8, 4, 256000, head_dim=256),
-    "gemma-2-9b": _p("gemma2", 3584, 14336, 42, 16, 8, 256000, head_dim=256),
-    "gemma-2-27b": _p("gemma2", 4608, 36864, 46, 32, 16, 256000, head_dim=128),
-    # Gemma 3: the text decoder; the 4B-27B checkpoints also carry a ~0.4B-parameter vision tower.
-    "gemma-3-1b": _p("gemma3_text", 1152, 6912, 26, 4, 1, 262144, head_dim=256),
-    "gemma-3-4b": _p("gemma3_text", 2560, 10240, 34, 8, 4, 262208, head_dim=256),
-    "gemma-3-12b": _p("gemma3_text", 3840, 15360, 48, 16, 8, 262208, head_dim=256),
-    "gemma-3-27b": _p("gemma3_text", 5376, 21504, 62, 32, 16, 262208, head_dim=128),
-}
-
-
-def resolve_shape(model: Any) -> ModelShape:
-    """A ModelShape from a preset name, a model folder or config.json, a config dict or object, or a model."""
-    if isinstance(model, ModelShape):
-        return model
-    if isinstance(model, dict):
-        return shape_from_config(model)
-    if hasattr(model, "config") and hasattr(model.config, "to_dict"):      # a loaded model
-        model = model.config
-    if hasattr(model, "to_dict"):                                          # a transformers config
-        return shape_from_config(model.to_dict(), getattr(model, "name_or_path", "") or "model")
-    text = str(model)
-    key = text.lower().removeprefix("meta-llama/").removeprefix("qwen/").removeprefix("google/")
-    key = key.removeprefix("mistralai/").removesuffix("-hf").removesuffix("-instruct").removesuffix("-it")
-    if key in PRESETS:
-        return shape_from_config(PRESETS[key], key)
-    path = resolve_model_path(text)       # a folder, or 'smollm2' (the packaged demo model)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QLoraKitError(f"{path} is not valid JSON: {e}") from None
-        return shape_from_config(config, str(path.parent.name or path))
-    raise QLoraKitError(f"{text!r} is neither a model folder, a config.json nor a known preset{closest(key, PRESETS)}; "
-                        f"presets: {', '.join(PRESETS)}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Exact static bytes
 
@@ -240,17 +81,11 @@ def quantized_bytes(numel: int, rows: int, quant: QuantConfig) -> tuple[int, int
     return packed, blocks + 4 * nested + 4 * 16 + 4 * 256 + 4    # uint8 absmax, fp32 nested absmax, codes, offset
 
 
-def target_layers(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int, int]]:
-    """(full name, in, out) of every linear layer that `targets` selects, named as in the model."""
-    layers = {f"model.layers.{i}.{n}": (a, b) for i in range(shape.layers) for n, a, b, _ in shape.linears()}
-    return [(name, *layers[name]) for name in select_targets(list(layers), targets)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Activations
 
 
-def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
+def block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str], cb: int) -> float:
     """Bytes per token that one decoder block keeps for its backward pass, besides its input.
 
     Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
@@ -297,7 +132,7 @@ def _block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[st
     return total
 
 
-def _block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) -> int:
+def block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) -> int:
     """Bytes that one block's adapters save whatever the tokens: each B scaled (and cast) for the
     forward pass, and each A cast to the adapter dtype where that is not fp32."""
     ab = torch.finfo(lora.dtype).bits // 8
@@ -308,7 +143,7 @@ def _block_constants(shape: ModelShape, lora: LoraConfig, targeted: set[str]) ->
     return total
 
 
-def _block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: QuantConfig | None,
+def block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: QuantConfig | None,
                               checkpointed: bool) -> int:
     """The most that one block's backward pass creates at once, on top of what the block saved.
 
@@ -335,7 +170,7 @@ def _block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: Qu
     return max(mlp, norm)
 
 
-def _shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str], tokens: int) -> int:
+def shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str], tokens: int) -> int:
     """The dropped input that LoRA's shared-dropout slot still holds after a block's forward pass
     (qlora_kit.lora keeps the last one, for siblings that read the same input): the input of the
     block's last adapter, in the adapter dtype. With checkpointing it outlives the block."""
@@ -346,7 +181,7 @@ def _shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str
     return ab * last * tokens
 
 
-def _loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
+def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
     """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head), whatever the compute
     dtype: a chunk's fp32 logits (a 16-bit head output is cast and freed before anything else is
     allocated), logsumexp's fp32 scratch of the same size, and from the second chunk on the
@@ -482,12 +317,12 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
 
     tokens = batch * seq_len
     h = shape.hidden
-    per_block = _block_saved_per_token(shape, lora, targeted, cb) * tokens + _block_constants(shape, lora, targeted)
+    per_block = block_saved_per_token(shape, lora, targeted, cb) * tokens + block_constants(shape, lora, targeted)
     residual = cb * h * tokens
     rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables   # cos and sin, shared by the blocks
-    transient = _block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
+    transient = block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
     # Around the head: the final norm's fp32 input and its output, the loss's copy of the positions
-    # it scores (the input gradient is in _loss_bytes).
+    # it scores (the input gradient is in loss_bytes).
     final_norm = (4 + 2 * cb) * h * tokens
     # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
     # one: the peak is what stays alive throughout plus the larger of those two phases.
@@ -497,7 +332,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
         # still holds its graph's embedding output and one gradient of the same size; and the
         # shared-dropout slot holds the last block's dropped input.
-        around_loss = 2 * residual + _shared_dropout_bytes(shape, lora, targeted, tokens)
+        around_loss = 2 * residual + shared_dropout_bytes(shape, lora, targeted, tokens)
     else:
         # Each block's first norm saves its fp32 input (with fp32 compute the block's input itself,
         # which per_block leaves out), except the first block's: its input needs no gradient.
@@ -505,7 +340,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         kept = shape.layers * per_block + norm_inputs + rotary
         block_phase = transient
         around_loss = 0
-    logits = _loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
+    logits = loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
     loss_peak = around_loss + final_norm + logits >= block_phase
     activations = int(kept + (around_loss + final_norm if loss_peak else block_phase))
     logits = logits if loss_peak else 0
@@ -524,7 +359,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     }
     peak = "while the loss runs (head + cross-entropy)" if loss_peak else "during a decoder block's backward pass"
     notes = [f"peak {peak}"]
-    if shape.family not in _FAMILIES:
+    if shape.family not in FAMILIES:
         notes.append(f"model_type {shape.family!r} is planned as a Llama-style decoder (q/k/v/o, gate/up/down)")
     if optimizer.startswith("paged") and device == "cuda":
         notes.append("paged optimiser state is counted on the GPU; under pressure it pages out to CPU RAM")
@@ -559,57 +394,3 @@ def _check_settings(shape: ModelShape, lora: LoraConfig, batch: int, seq_len: in
     if optimizer not in OPTIMIZERS:
         raise QLoraKitError(f"unknown optimizer {optimizer!r}{closest(optimizer, OPTIMIZERS)}: "
                             f"use one of {', '.join(OPTIMIZERS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Used by the trainer
-
-
-def free_memory(device: str | torch.device) -> int:
-    """Bytes free on the device now: the GPU's free memory, or the host's available RAM."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def check_fits(plan: MemoryPlan, device: str | torch.device = "cuda", free_bytes: int | None = None) -> str | None:
-    """A warning to print before loading when the plan exceeds the device's free memory, else None."""
-    free = free_memory(device) if free_bytes is None else free_bytes
-    if plan.total <= free:
-        return None
-    c = plan.components
-    biggest = max(("activations", "logits_loss", "optimizer_state"), key=lambda k: c[k])
-    return (f"this run is planned to need {plan.total / GiB:.1f} GiB but {torch.device(device)} has "
-            f"{free / GiB:.1f} GiB free; it will likely run out of memory. The largest part that settings "
-            f"change is {COMPONENTS[biggest]} ({c[biggest] / GiB:.1f} GiB): lower batch or seq_len, keep "
-            "gradient checkpointing on, or use a paged 8-bit optimiser")
-
-
-# ---------------------------------------------------------------------------------------------
-# Which GPU fits which model (the notebooks' Colab note)
-
-
-# Colab's GPUs, usable memory as nvidia-smi reports it.
-COLAB_GPUS = {
-    "T4 16GB (free)": 15360 * MiB,
-    "L4 24GB": 23034 * MiB,
-    "A100 40GB": 40960 * MiB,
-}
-
-
-def fit_table(models: list[str], gpus: dict[str, int] | None = None, seq_len: int = 1024, **settings) -> str:
-    """A text table: per model, the plan's total at batch 1 and the largest batch of `seq_len`-token
-    sequences that fits each GPU ('-' where not even one does). `settings` go to plan_memory."""
-    gpus = COLAB_GPUS if gpus is None else gpus
-    rows = [["model", "params", f"1 x {seq_len}", *gpus]]
-    for model in models:
-        plan = plan_memory(model, seq_len=seq_len, **settings)
-        batches = [plan.max_batch_seq(size, (seq_len,))[seq_len] for size in gpus.values()]
-        rows.append([plan.model, f"{plan.parameters / 1e9:.1f}B", f"{plan.total / GiB:.1f} GiB",
-                     *(f"batch {b}" if b else "-" for b in batches)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -39,20 +39,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapt import add_lora, trainable_parameters
 from .adapters import save_adapter
 from .checkpoints import (NonFiniteCheckpoint, latest_checkpoint, newest_readable, restore_checkpoint, rng_state,
                           save_checkpoint, trainer_state)
 from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, Dataset, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
+from .export import export_merged
+from .fit import check_fits
 from .fsdp import full_lora_state, local_packed_bytes, optimizer_state, shard_model
 from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
-from .adapt import add_lora, trainable_parameters
 from .losses import LossScaler, causal_lm_loss
 from .modeltree import decoder_layers
 from .models import resolve_model_path
 from .optim import build_optimizer, build_scheduler
+from .plan import plan_memory
 from .runs import RunPlan, plan_run, run_folder
 
 if TYPE_CHECKING:
@@ -224,8 +227,6 @@ def _load_model(run: Run) -> tuple[Path, nn.Module, object]:
 
 def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
     """Print the memory plan in one line, and warn before loading if it will not fit."""
-    from .plan import check_fits, plan_memory
-
     t = config.train
     try:
         plan = plan_memory(model_path, config.quant.build(), config.lora.build(t.seed), batch=t.batch_size,
@@ -489,7 +490,6 @@ def _finish(run: Run, learner: Learner, history: list[dict], eval_before: float 
     result = TrainResult(run_dir, run_dir / "adapter", learner.total_steps, eval_before, eval_after, history,
                          time.time() - run.started)
     if run.main and (config.output.export if export is None else export):
-        from .export import export_merged  # the exporter streams from the base folder
         export_merged(learner.base, run_dir / "adapter", run_dir / "merged", dtype=config.output.export_dtype,
                       overwrite=True)
     return result

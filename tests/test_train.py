@@ -194,9 +194,9 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, tiny_dir):
 
 
 def test_plan_is_printed_and_a_run_that_cannot_fit_warns(tmp_path, tiny_dir, monkeypatch, capsys):
-    import qlora_kit.plan as plan
+    import qlora_kit.fit as fit
 
-    monkeypatch.setattr(plan, "free_memory", lambda device: 1024)  # 1 KiB free
+    monkeypatch.setattr(fit, "free_memory", lambda device: 1024)  # 1 KiB free
     raw = make_config(tmp_path, tiny_dir, max_steps=1)
     with pytest.warns(UserWarning, match="planned to need"):
         train(config_from_dict(raw), progress=False)

@@ -55,7 +55,7 @@ def build_plan(args):
 
 
 def gpu_table(plan, gpu_gb: float | None = None) -> dict[str, int]:
-    from ..plan import GPUS
+    from ..fit import GPUS
 
     gpus = dict(GPUS)
     if gpu_gb:
