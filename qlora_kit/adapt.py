@@ -4,11 +4,17 @@
     merged_state_dict(model)     W + scale * B @ A per adapted layer (fp32, then cast); model unchanged
     merge_lora(model)            a plain transformers model with the adapters merged in
     trainable_parameters(model)  (trainable, total) counts
+    adapters_disabled(model)     a context in which the model is its frozen base again
+
+With LoRA the reference model of DPO-style preference tuning costs nothing: it is the same model
+with every adapter switched off, so no second copy of the (4-bit) base is ever held.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -115,3 +121,20 @@ def _materialise_buffers(target: nn.Module, source: nn.Module) -> None:
     leftover = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"merged model has tensors that were never filled: {first_few(leftover)}")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoraLinear computes its frozen base alone (the model without adapters);
+    each adapter's previous state is restored on leaving, also after an error."""
+    layers = lora_layers(model)
+    if not layers:
+        raise QLoraKitError("this model has no LoRA adapters to disable: add_lora(model, ...) first")
+    before = {name: layer.enabled for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.enabled = False
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.enabled = before[name]

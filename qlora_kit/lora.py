@@ -157,9 +157,12 @@ class LoraLinear(nn.Module):
             self.lora_B.weight.zero_()
         # Set by inits that change the base: the factors it takes to rebuild it (see qlora_kit.inits).
         self.changed_base: ChangedBase | None = None
+        self.enabled = True  # False: the layer computes its base alone (see adapt.adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if not self.enabled:  # the frozen base alone: a preference loss's reference model
+            return y
         h, keep_scale = self._dropped_input(x)
         a = F.linear(h, self.lora_A.weight.to(self.dtype))
         # scale (and dropout's 1 / (1 - p)) go into B, an out x r matrix, not into the activations

@@ -91,6 +91,39 @@ def chunked_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     return total, n
 
 
+def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(label) per sequence, labelled tokens per sequence), both of shape (batch,).
+
+    What preference losses compare: each response's log-probability under the model. The head runs
+    over chunks of labelled positions, each recomputed in the backward pass (checkpointed), so no
+    more than one chunk of logits exists at a time, as in `chunked_lm_loss`."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(labels.shape[1] - 1)
+    keep = y != IGNORE_INDEX
+    h, y, rows = h[keep], y[keep], rows[keep]
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32) + 0.0 * hidden.sum()  # graph stays connected
+    for start in range(0, int(y.numel()), chunk_tokens):
+        hs, ys = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            part = checkpoint(_chunk_token_logps, head, hs, ys, use_reentrant=False)
+        else:
+            part = _chunk_token_logps(head, hs, ys)
+        sums = sums.index_add(0, rows[start:start + chunk_tokens], part)
+    counts = torch.bincount(rows, minlength=labels.shape[0])
+    return sums, counts
+
+
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """Run the decoder body, then `chunked_lm_loss` on its output head. Returns (mean loss, tokens)."""
