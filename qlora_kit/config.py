@@ -23,8 +23,9 @@ from pathlib import Path
 import yaml
 
 from .errors import QLoraKitError, closest
-from .lora import LoraConfig
+from .lora import CHANGES_BASE, LoraConfig
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, SCHEDULES
+from .preference import DPO_LOSSES, METHODS
 from .quant import QuantConfig
 
 
@@ -108,6 +109,10 @@ class TrainSection:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
+    method: str = "sft"              # sft | dpo | orpo (dpo and orpo read preference pairs, see qlora_kit.preference)
+    beta: float = 0.1                # DPO's and ORPO's strength
+    loss_type: str = "sigmoid"       # DPO's variant: sigmoid | ipo | hinge
+    precompute_ref: bool = False     # DPO: reference log-probabilities once, before training, cached in the run
 
 
 @dataclass
@@ -156,6 +161,16 @@ class RunConfig:
                f"use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
         _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
                "use auto, cpu or cuda")
+        _check(t.method in METHODS, "train.method", t.method, f"use one of {', '.join(METHODS)}")
+        _check(t.beta > 0, "train.beta", t.beta, "must be positive (0.1 is usual for DPO and ORPO)")
+        _check(t.loss_type in DPO_LOSSES, "train.loss_type", t.loss_type, f"use one of {', '.join(DPO_LOSSES)}")
+        _check(not t.precompute_ref or t.method == "dpo", "train.precompute_ref", t.precompute_ref,
+               "is for method: dpo (ORPO has no reference model)")
+        _check(t.method != "dpo" or t.precompute_ref or self.lora.init not in CHANGES_BASE, "train.precompute_ref",
+               t.precompute_ref, f"must be true with lora.init: {self.lora.init} (its adapters start non-zero, so the "
+               "reference model is the model as it starts, not the base with adapters off)")
+        _check(not (t.method != "sft" and d.packing), "data.packing", d.packing,
+               "is for method: sft (preference pairs are scored one response per sequence)")
         _check(d.max_seq_len >= 8, "data.max_seq_len", d.max_seq_len, "must be at least 8")
         _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
         _check(d.on_bad_line in ("error", "skip"), "data.on_bad_line", d.on_bad_line, "use error or skip")

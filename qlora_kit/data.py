@@ -16,6 +16,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,10 +52,13 @@ class DataStats:
         return s
 
 
-def read_jsonl(path: str | Path, on_bad_line: str = "error", stats: DataStats | None = None) -> list[dict]:
+def read_jsonl(path: str | Path, on_bad_line: str = "error", stats: DataStats | None = None,
+               check: Callable[[dict], object] | None = None) -> list[dict]:
     """Records of a JSONL file; a malformed line is an error naming file and line (or skipped).
 
-    A line that is not UTF-8 text is a malformed line like any other."""
+    `check` raises QLoraKitError for a record of the wrong shape (default: an SFT example). A line
+    that is not UTF-8 text is a malformed line like any other."""
+    check = check or example_kind
     path = Path(path)
     stats = stats if stats is not None else DataStats()
     if not path.is_file():
@@ -74,7 +78,7 @@ def read_jsonl(path: str | Path, on_bad_line: str = "error", stats: DataStats | 
                 if line is None:
                     raise QLoraKitError(reason)
                 record = json.loads(line)
-                example_kind(record)
+                check(record)
             except (json.JSONDecodeError, QLoraKitError) as e:
                 reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
                 if on_bad_line == "skip":

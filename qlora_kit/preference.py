@@ -29,11 +29,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .data import CHAT_ROLES, DataStats
+from .adapt import adapters_disabled
+from .data import CHAT_ROLES, DataStats, collate
 from .errors import QLoraKitError, closest
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, sequence_logps
 
+METHODS = ("sft", "dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
@@ -100,6 +103,16 @@ def encode_response(prompt: list[dict], response: list[dict], tokenizer) -> tupl
 class PairExample:
     chosen: tuple[list[int], list[int]]     # (input_ids, labels)
     rejected: tuple[list[int], list[int]]
+    ref: tuple[float, float] | None = None  # precomputed reference log-probabilities (chosen, rejected)
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch holding every chosen response, then every rejected one (one forward pass for both);
+    `ref_logps` in the same order when the pairs carry precomputed references."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if all(p.ref is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float32)
+    return batch
 
 
 def build_pairs(records: list[dict], tokenizer, max_seq_len: int, stats: DataStats | None = None) -> list[PairExample]:
@@ -162,3 +175,47 @@ def orpo_odds_ratio(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor,
     log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean))
                                                 - torch.log1p(-torch.exp(rejected_mean)))
     return -beta * F.logsigmoid(log_odds), log_odds
+
+
+class PreferenceLoss(nn.Module):
+    """Model + preference loss as one module (so a data-parallel wrapper sees the whole forward).
+
+    forward(batch of collate_pairs) -> (mean loss over the pairs, number of pairs, metrics named as TRL
+    names them: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected; ORPO adds nll_loss and log_odds_ratio). DPO's reference pass runs the same model
+    with its adapters off, without gradients, unless the batch brings precomputed `ref_logps`."""
+
+    def __init__(self, model: nn.Module, method: str, beta: float = 0.1, loss_type: str = "sigmoid",
+                 chunk_tokens: int = 1024):
+        super().__init__()
+        if method not in ("dpo", "orpo"):
+            raise QLoraKitError(f"PreferenceLoss is for method dpo or orpo, not {method!r}")
+        self.model, self.method, self.beta = model, method, beta
+        self.loss_type, self.chunk_tokens = check_loss_type(loss_type), chunk_tokens
+
+    def reference_logps(self, input_ids, labels, attention_mask=None) -> torch.Tensor:
+        with torch.no_grad(), adapters_disabled(self.model):
+            return sequence_logps(self.model, input_ids, labels, attention_mask, self.chunk_tokens)[0]
+
+    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None):
+        n = input_ids.shape[0] // 2
+        logps, counts = sequence_logps(self.model, input_ids, labels, attention_mask, self.chunk_tokens)
+        counts = counts.clamp(min=1).to(logps.dtype)
+        stats = {}
+        if self.method == "dpo":
+            ref = self.reference_logps(input_ids, labels, attention_mask) if ref_logps is None else ref_logps
+            policy, ref = (logps / counts, ref / counts) if self.loss_type == "ipo" else (logps, ref)
+            losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type)
+            loss = losses.mean()
+        else:
+            mean = logps / counts
+            nll = -logps[:n].sum() / counts[:n].sum()
+            ratio, log_odds = orpo_odds_ratio(mean[:n], mean[n:], self.beta)
+            loss = nll + ratio.mean()
+            chosen, rejected = self.beta * mean[:n].detach(), self.beta * mean[n:].detach()
+            stats = {"nll_loss": nll.detach(), "log_odds_ratio": log_odds.detach().mean()}
+        stats = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                 "rewards/margins": (chosen - rejected).mean(),
+                 "rewards/accuracies": (chosen > rejected).float().mean(),
+                 "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean(), **stats}
+        return loss, n, stats

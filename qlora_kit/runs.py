@@ -32,14 +32,16 @@ from .io import atomic_write_text, disk_full_as_error, refuse_overlap, swap_in, 
 from .models import model_location
 
 RUN_FILE = "run.json"
-RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "loss.png", "checkpoints", "adapter", "merged")
+REF_FILE = "ref_logps.safetensors"  # DPO with train.precompute_ref: the reference log-probabilities
+RUN_ENTRIES = (RUN_FILE, "metrics.jsonl", "loss.png", "checkpoints", "adapter", "merged", REF_FILE)
 
 
 def fingerprint(config) -> dict:
     """What a checkpoint must agree on to be resumed into this run."""
     return {"model": str(config.model.path), "quant": config.quant.__dict__, "r": config.lora.r,
             "targets": config.lora.targets, "rslora": config.lora.rslora,
-            **({"init": config.lora.init} if config.lora.init != "default" else {})}
+            **({"init": config.lora.init} if config.lora.init != "default" else {}),
+            **({"method": config.train.method} if config.train.method != "sft" else {})}
 
 
 def _read_meta(folder: Path) -> dict | None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,14 +50,16 @@ from .errors import QLoraKitError
 from .export import export_merged
 from .fit import check_fits
 from .fsdp import full_lora_state, local_packed_bytes, optimizer_state, shard_model
-from .io import atomic_write_bytes, atomic_write_text, disk_full_as_error
+from .io import atomic_file, atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
-from .losses import LossScaler, causal_lm_loss
+from .losses import LossScaler, causal_lm_loss, sequence_logps
 from .modeltree import decoder_layers
 from .models import resolve_model_path
 from .optim import build_optimizer, build_scheduler
 from .plan import plan_memory
-from .runs import RunPlan, plan_run, run_folder
+from .preference import PreferenceLoss, build_pairs, collate_pairs, pair_messages
+from .runs import REF_FILE, RunPlan, plan_run, run_folder
+from .tensorfiles import read_tensors
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -197,9 +200,10 @@ def _read_data(run: Run) -> tuple[list[dict], list[dict], DataStats]:
     """Training and held-out records; read before the model loads, so a bad data file fails fast."""
     d, t = run.config.data, run.config.train
     stats = DataStats()
-    records = read_jsonl(d.train, d.on_bad_line, stats)[: d.max_examples]
+    check = pair_messages if t.method != "sft" else None  # dpo / orpo read preference pairs
+    records = read_jsonl(d.train, d.on_bad_line, stats, check)[: d.max_examples]
     if d.eval:
-        return records, read_jsonl(d.eval, d.on_bad_line, stats), stats
+        return records, read_jsonl(d.eval, d.on_bad_line, stats, check), stats
     train_records, eval_records = split(records, d.eval_fraction, t.seed)
     return train_records, eval_records, stats
 
@@ -207,6 +211,10 @@ def _read_data(run: Run) -> tuple[list[dict], list[dict], DataStats]:
 def _tokenise(run: Run, train_records: list[dict], eval_records: list[dict], stats: DataStats, tokenizer) -> Data:
     """The records as token ids and loss masks (packed when data.packing says so)."""
     d = run.config.data
+    if run.config.train.method != "sft":  # a Dataset of PairExample: each example a (chosen, rejected) pair
+        train_set = Dataset(build_pairs(train_records, tokenizer, d.max_seq_len, stats), stats)
+        eval_set = Dataset(build_pairs(eval_records, tokenizer, d.max_seq_len), DataStats()) if eval_records else None
+        return Data(train_set, eval_set, tokenizer.pad_token_id, stats)
     train_set = build_dataset(train_records, tokenizer, d.max_seq_len, d.packing, stats)
     eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len, False) if eval_records else None
     return Data(train_set, eval_set, tokenizer.pad_token_id, stats)
@@ -229,7 +237,9 @@ def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> 
     """Print the memory plan in one line, and warn before loading if it will not fit."""
     t = config.train
     try:
-        plan = plan_memory(model_path, config.quant.build(), config.lora.build(t.seed), batch=t.batch_size,
+        # a preference batch holds both responses of each pair: twice the sequences
+        plan = plan_memory(model_path, config.quant.build(), config.lora.build(t.seed),
+                           batch=t.batch_size * (1 if t.method == "sft" else 2),
                            seq_len=config.data.max_seq_len, gradient_checkpointing=t.gradient_checkpointing,
                            optimizer=t.optimizer, device=device.type, chunk_tokens=t.loss_chunk_tokens)
     except QLoraKitError as e:  # a model family the planner does not know must not stop training
@@ -252,14 +262,20 @@ def _prepare_model(run: Run, base: Path, model: nn.Module, data: Data) -> Learne
     per_step = t.batch_size * t.grad_accum * world
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train) / per_step))
     sharded = t.fsdp and world > 1
+
+    def loss_of(model: nn.Module) -> nn.Module:
+        if t.method == "sft":
+            return LossModule(model, t.loss_chunk_tokens)
+        return PreferenceLoss(model, t.method, t.beta, t.loss_type, t.loss_chunk_tokens)
+
     if sharded:  # FSDP2: each process keeps 1/world of every block's weights, packed 4-bit ones included
         shard_model(model)
-        loss_module = LossModule(model, t.loss_chunk_tokens)
+        loss_module = loss_of(model)
         local, full = local_packed_bytes(model)
         run.say(f"qlora-kit: fsdp over {world} processes: this process holds {local:,} of {full:,} bytes "
                 "of packed 4/8-bit weights")
     else:
-        loss_module = accelerator.prepare(LossModule(model, t.loss_chunk_tokens))
+        loss_module = accelerator.prepare(loss_of(model))
     # After sharding: FSDP replaces each parameter by a sharded one, and the optimiser must hold those.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
@@ -292,7 +308,8 @@ def _summary(data: Data, learner: Learner, start_step: int) -> str:
     trainable, total = learner.trainable, learner.total_params
     return (f"qlora-kit: {learner.base.name}, {trainable:,} trainable of {total:,} params "
             f"({100 * trainable / total:.2f}%); data: {data.stats.summary()}; {learner.total_steps} steps of "
-            f"{learner.per_step} sequences" + (f"; resuming at step {start_step}" if start_step else ""))
+            f"{learner.per_step} {'sequences' if isinstance(data.train.examples[0], tuple) else 'pairs'}"
+            + (f"; resuming at step {start_step}" if start_step else ""))
 
 
 # ---------------------------------------------------------------- loop
@@ -305,24 +322,27 @@ def _loop(run: Run, data: Data, learner: Learner, start_step: int) -> tuple[list
     history = _read_history(run.plan.dir / "metrics.jsonl", upto=start_step) \
         if run.main and run.plan.mode == "resume" else []
     eval_before = eval_after = None
+    if t.precompute_ref:
+        _reference_cache(run, data, learner, start_step)
     if data.eval is not None and start_step == 0:
-        eval_before = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, device, accelerator)
-        history.append({"step": 0, "eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
+        measured = _evaluate(run, data, learner)
+        eval_before = measured["eval_loss"]
+        history.append({"step": 0, **measured})
     batches = microbatches(data.train, t.batch_size, t.seed, start_step * t.grad_accum * world, rank, world)
     with tqdm(total=learner.total_steps, initial=start_step, desc="training", unit="step",
               disable=not (run.progress and run.main)) as bar:
         learner.loss_module.train()
         for step in range(start_step + 1, learner.total_steps + 1):
             tick = time.time()
-            step_loss, tokens, taken = _step(run, data, learner, batches, step)
+            step_loss, tokens, taken, metrics = _step(run, data, learner, batches, step)
             elapsed = time.time() - tick
             row = {"step": step, "loss": step_loss, "lr": learner.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device)}
+                   "tokens_per_s": tokens * world / elapsed, "mem_mb": memory_mb(device), **metrics}
             if scaler.enabled:
                 row.update(skipped=not taken, loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
             if data.eval is not None and (step % t.eval_every == 0 or step == learner.total_steps):
-                eval_after = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, device, accelerator)
-                row.update(eval_loss=eval_after, eval_ppl=math.exp(min(eval_after, 50)))
+                row.update(_evaluate(run, data, learner))
+                eval_after = row["eval_loss"]
             history.append(row)
             if run.main:
                 _append_row(run.plan, row)
@@ -339,24 +359,29 @@ def _loop(run: Run, data: Data, learner: Learner, start_step: int) -> tuple[list
     return history, eval_before, eval_before if eval_after is None else eval_after
 
 
-def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[float, int, bool]:
+def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[float, int, bool, dict]:
     """One optimiser step over grad_accum micro-batches: (its loss, averaged over the processes; this
-    process's tokens; whether the step was taken). Stops the run when the loss or the weights diverge."""
+    process's tokens; whether the step was taken; a preference loss's metrics, averaged likewise).
+    Stops the run when the loss or the weights diverge."""
     t, accelerator, scaler = run.config.train, run.accelerator, learner.scaler
-    tokens, losses = 0, []
+    tokens, losses, stats = 0, [], []
+    collate_batch = collate if t.method == "sft" else collate_pairs
     for micro in range(t.grad_accum):
         _, batch = next(batches)
-        batch = {k: v.to(accelerator.device) for k, v in collate(batch, data.pad_id).items()}
+        batch = {k: v.to(accelerator.device) for k, v in collate_batch(batch, data.pad_id).items()}
         sync = micro == t.grad_accum - 1
         if learner.sharded:
             for layer in decoder_layers(learner.model):
                 layer.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if sync or learner.sharded else accelerator.no_sync(learner.loss_module):
-            loss, _ = learner.loss_module(**batch)
+            loss, _, *extra = learner.loss_module(**batch)
             accelerator.backward(scaler.scale(loss / t.grad_accum))
         losses.append(loss.detach())
+        stats += extra
         tokens += int(batch["attention_mask"].sum())
     step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    metrics = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), reduction="mean").item()
+               for k in (stats[0] if stats else {})}
     if not math.isfinite(step_loss) and not scaler.enabled:  # fp16: an overflow, the scaler skips the step
         _diverged(run.plan, f"the loss became {step_loss} at step {step}; training stopped before the optimiser "
                             "step")
@@ -373,7 +398,7 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
                             "quant.compute_dtype: bf16 or fp32 if the hardware has it")
     if taken and not _all_finite(learner.params, accelerator):
         _diverged(run.plan, f"the adapter weights became non-finite at step {step} (loss {step_loss})")
-    return step_loss, tokens, taken
+    return step_loss, tokens, taken, metrics
 
 
 def memory_mb(device: torch.device) -> float:
@@ -403,6 +428,84 @@ def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, devi
     total = accelerator.reduce(total, reduction="sum")
     loss_module.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _evaluate(run: Run, data: Data, learner: Learner) -> dict:
+    """The held-out entries of a metrics row: eval_loss and eval_ppl (SFT), or eval_loss and the
+    preference metrics as eval_rewards/margins, ... (DPO, ORPO)."""
+    t, accelerator = run.config.train, run.accelerator
+    if t.method == "sft":
+        loss = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device, accelerator)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    measured = evaluate_pairs(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device,
+                              accelerator)
+    return {f"eval_{k}": v for k, v in measured.items()}
+
+
+def evaluate_pairs(loss_module: nn.Module, dataset: Dataset, batch_size: int, pad_id: int, device,
+                   accelerator) -> dict[str, float]:
+    """Pair-weighted means of the preference loss ('loss') and its metrics over the held-out pairs (all
+    processes together; every process runs the same number of forward passes, as in `evaluate`)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    rounds = -(-len(dataset) // (batch_size * world))
+    was_training = loss_module.training
+    loss_module.eval()
+    names, total = None, None
+    with torch.no_grad():
+        for i in range(rounds):
+            start = (i * world + rank) * batch_size
+            chunk = dataset.examples[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk or dataset.examples[:1], pad_id).items()}
+            loss, n, stats = loss_module(**batch)
+            names = names or ["loss", *stats]
+            values = torch.stack([loss.detach().float(), *(stats[k].float() for k in names[1:])]).double()
+            weight = float(n) if chunk else 0.0
+            part = torch.cat([values * weight, torch.tensor([weight], dtype=torch.float64, device=values.device)])
+            total = part if total is None else total + part
+    total = accelerator.reduce(total.to(device), reduction="sum")
+    loss_module.train(was_training)
+    return {name: (total[i] / total[-1].clamp(min=1)).item() for i, name in enumerate(names)}
+
+
+def _reference_cache(run: Run, data: Data, learner: Learner, start_step: int) -> None:
+    """DPO with train.precompute_ref: each pair's reference log-probabilities, from the model as it
+    starts, computed once before the first step and kept in the run folder (REF_FILE), so that a
+    resumed run reads back the very numbers the interrupted one used."""
+    path = run.plan.dir / REF_FILE
+    sets = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    if path.is_file():
+        cached = read_tensors(path)
+        for name, dataset in sets.items():
+            if name not in cached or cached[name].shape != (len(dataset), 2):
+                raise QLoraKitError(f"{path} does not hold this run's {name} pairs ({len(dataset)}): the data changed "
+                                    "since the run began; start it again with --overwrite")
+            for example, (chosen, rejected) in zip(dataset.examples, cached[name].tolist()):
+                example.ref = (chosen, rejected)
+        return
+    if start_step:
+        raise QLoraKitError(f"{path} is missing: this run's reference log-probabilities were computed before its "
+                            "first step and cannot be computed again now; start the run again with --overwrite")
+    model, t = learner.model, run.config.train
+    was_training = model.training
+    model.eval()  # no dropout: the reference is the starting model itself
+    computed = {}
+    with torch.no_grad():
+        for name, dataset in sets.items():
+            rows = []
+            for start in range(0, len(dataset), t.batch_size):
+                pairs = dataset.examples[start:start + t.batch_size]
+                batch = {k: v.to(run.accelerator.device) for k, v in collate(
+                    [p.chosen for p in pairs] + [p.rejected for p in pairs], data.pad_id).items()}
+                logps = sequence_logps(model, **batch, chunk_tokens=t.loss_chunk_tokens)[0].float().cpu()
+                rows.append(torch.stack([logps[:len(pairs)], logps[len(pairs):]], dim=1))
+            computed[name] = torch.cat(rows)
+            for example, (chosen, rejected) in zip(dataset.examples, computed[name].tolist()):
+                example.ref = (chosen, rejected)
+    model.train(was_training)
+    if run.main:
+        with atomic_file(path) as tmp:
+            save_file(computed, str(tmp))
+    run.accelerator.wait_for_everyone()
 
 
 def _append_row(plan: RunPlan, row: dict) -> None:
@@ -504,15 +607,29 @@ def plot_history(history: list[dict], out: Path) -> None:
 
     train_rows = [r for r in history if "loss" in r]
     eval_rows = [r for r in history if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = any("rewards/margins" in r or "eval_rewards/margins" in r for r in history)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train_rows:
         ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", lw=1)
     if eval_rows:
         ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="held-out loss")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("preference loss" if preference else "cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:  # what preference tuning is for: the chosen response's reward pulling ahead
+        ax = axes[0][1]
+        for key, label, style in (("rewards/margins", "train reward margin", "-"),
+                                  ("eval_rewards/margins", "held-out reward margin", "o-")):
+            rows = [r for r in history if key in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=label, lw=1)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("reward(chosen) - reward(rejected)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     png = BytesIO()
     fig.savefig(png, dpi=110, format="png")
