@@ -47,6 +47,18 @@ def task_records(seed: int = 0, held_out: int = HELD_OUT) -> tuple[list[dict], l
     return shaped[held_out:], shaped[:held_out]
 
 
+def preference_pairs(records: list[dict], replies: list[str]) -> list[dict]:
+    """TRL-format pairs for preference tuning: the corpus' answer in the JSON shape is chosen, the base
+    model's own reply to the same question (under the same instruction) is rejected. A reply that
+    already is the chosen answer prefers nothing and is left out."""
+    pairs = []
+    for record, reply in zip(records, replies, strict=True):
+        prompt, chosen = record["messages"][:2], record["messages"][2:]
+        if reply.strip() and reply.strip() != chosen[0]["content"]:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": [{"role": "assistant", "content": reply}]})
+    return pairs
+
+
 def question_of(record: dict) -> str:
     return record["messages"][1]["content"]
 

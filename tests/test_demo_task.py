@@ -5,7 +5,8 @@ import json
 import pytest
 
 from qlora_kit.demo import format_summary
-from qlora_kit.demo_task import SYSTEM, is_correct, parse_answer, question_of, reference_of, score, task_records
+from qlora_kit.demo_task import (SYSTEM, is_correct, parse_answer, preference_pairs, question_of, reference_of, score,
+                                 task_records)
 
 
 def test_records_ask_with_the_instruction_and_answer_in_json():
@@ -62,3 +63,13 @@ def test_summary_reads_as_a_table():
     assert "| loss on the reference answers | 5.000 | 2.000 |" in text
     assert "Q\\|1" in text and "\n" not in text.split("| Q\\|1")[1].split("\n")[0]  # one row, pipes escaped
     assert "train 2 s" in text and "peak RSS 900 MiB" in text
+
+
+def test_preference_pairs_reject_the_base_reply_and_drop_ties():
+    _, held_out = task_records()
+    records = held_out[:3]
+    replies = ["It was probably in the 1990s, in the United States.", "", json.dumps({"answer": reference_of(records[2])})]
+    pairs = preference_pairs(records, replies)
+    assert len(pairs) == 1  # an empty reply and one equal to the chosen answer prefer nothing
+    assert pairs[0]["prompt"] == records[0]["messages"][:2] and pairs[0]["chosen"] == records[0]["messages"][2:]
+    assert pairs[0]["rejected"] == [{"role": "assistant", "content": replies[0]}]

@@ -55,3 +55,16 @@ def test_demo_quick_trains_and_exports(tmp_path):
     assert (tmp_path / "demo" / "summary.md").read_text().strip() in out.stdout
     assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "merged" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_quick_dpo_learns_from_the_base_models_own_replies(tmp_path):
+    """The preference path of the main job, shortened: held-out reward margin and accuracy in the summary."""
+    out = run("qlora_kit.demo", "--quick", "--method", "dpo", "--no-export", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| DPO loss on the held-out pairs |" in out.stdout and "| reward margin, chosen - rejected |" in out.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["reward"]["before"]["margin"] == pytest.approx(0.0, abs=1e-6)
+    pairs = (tmp_path / "demo" / "data" / "train.jsonl").read_text().splitlines()
+    assert 0 < len(pairs) <= 16 and all(json.loads(p)["rejected"][0]["role"] == "assistant" for p in pairs)
+
