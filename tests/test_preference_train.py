@@ -120,3 +120,28 @@ def test_preference_config_errors(tmp_path, changes, needle):
         raw[section] = {**raw.get(section, {}), **values}
     with pytest.raises(QLoraKitError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         config_from_dict(raw).validate()
+
+
+@pytest.mark.parametrize("fsdp, precompute, port", [(False, False, 29541), (True, True, 29542)])
+def test_preference_over_two_processes_matches_one(tmp_path, tiny_dir, fsdp, precompute, port):
+    """DDP and FSDP2 over 2 CPU processes: the same DPO losses and held-out margins as one process
+    with twice the accumulation (the reference pass and the cache included)."""
+    import yaml
+    from test_train import _torchrun, cli
+
+    raw = make_config(tmp_path, tiny_dir, "dpo", max_steps=3, eval_every=3, save_every=3, optimizer="adamw",
+                      batch_size=2, fsdp=fsdp, precompute_ref=precompute)
+    raw["output"]["dir"] = str(tmp_path / "two")
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
+    raw["train"].update(grad_accum=2, fsdp=False)
+    raw["output"]["dir"] = str(tmp_path / "one")
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
+    two = _torchrun(tmp_path / "two.yaml", port=port)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = cli("train", str(tmp_path / "one.yaml"), "--no-progress", timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for a, b in zip(rows_of(tmp_path / "one"), rows_of(tmp_path / "two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-3, abs=1e-5)
+    assert rows_of(tmp_path / "one")[-1]["eval_rewards/margins"] == pytest.approx(
+        rows_of(tmp_path / "two")[-1]["eval_rewards/margins"], rel=1e-3, abs=1e-5)
