@@ -181,3 +181,21 @@ def test_orpo_odds_ratio_matches_the_formula():
     eps = 1e-6
     numeric = [(p - m) / (2 * eps) for p, m in zip(plain([x + eps for x in c], r), plain([x - eps for x in c], r))]
     torch.testing.assert_close(chosen.grad, torch.tensor(numeric, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+
+
+def test_orpo_term_equals_trls_when_trl_is_importable():
+    """TRL's ORPOTrainer.odds_ratio_loss on the same batch: its losses are beta * log sigmoid(log odds)
+    (subtracted from the NLL), ours the same with the sign folded in. TRL's DPO loss lives inside its
+    trainer's step; its formula (sigmoid, hinge, and IPO on per-token averaged log-ratios) is the one
+    test_dpo_loss_and_gradient_match_the_formula checks."""
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    chosen, rejected = (-torch.rand(7, generator=g) * 3 - 0.05 for _ in range(2))
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_r, rejected_r, _, log_odds = orpo.ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)
+    ours, our_log_odds = orpo_odds_ratio(chosen, rejected, beta=0.1)
+    torch.testing.assert_close(ours, -losses)
+    torch.testing.assert_close(our_log_odds.mean(), log_odds)
+    torch.testing.assert_close(chosen_r, 0.1 * chosen)
