@@ -86,6 +86,7 @@ def base_replies(model_dir: Path, questions: list[str], answer_tokens: int, cach
     except (OSError, ValueError, KeyError, TypeError):
         pass
     replies = ask(model_dir, questions, answer_tokens, batch_size=8)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"key": key, "replies": replies}))
     return replies
 
