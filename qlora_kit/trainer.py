@@ -493,9 +493,8 @@ def _reference_cache(run: Run, data: Data, learner: Learner, start_step: int) ->
         for name, dataset in sets.items():
             rows = []
             for start in range(0, len(dataset), t.batch_size):
-                pairs = dataset.examples[start:start + t.batch_size]
-                batch = {k: v.to(run.accelerator.device) for k, v in collate(
-                    [p.chosen for p in pairs] + [p.rejected for p in pairs], data.pad_id).items()}
+                pairs = dataset.examples[start:start + t.batch_size]  # no ref yet: collate_pairs adds none
+                batch = {k: v.to(run.accelerator.device) for k, v in collate_pairs(pairs, data.pad_id).items()}
                 logps = sequence_logps(model, **batch, chunk_tokens=t.loss_chunk_tokens)[0].float().cpu()
                 rows.append(torch.stack([logps[:len(pairs)], logps[len(pairs):]], dim=1))
             computed[name] = torch.cat(rows)

@@ -150,14 +150,8 @@ def test_preference_over_two_processes_matches_one(tmp_path, tiny_dir, fsdp, pre
 def test_dpo_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path, tiny_dir):
     """Precomputed references, LoRA dropout on: a DPO run killed mid-training ends, once resumed, with the
     same adapter as a straight run, bit for bit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import yaml
-    from test_train import ROOT, cli
+    from test_train import cli, kill_after
 
     raw = make_config(tmp_path, tiny_dir, "dpo", precompute_ref=True, max_steps=8, save_every=4, eval_every=4)
     raw["lora"]["dropout"] = 0.1
@@ -166,16 +160,8 @@ def test_dpo_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path, tiny_dir
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     done = cli("train", str(tmp_path / "straight.yaml"), "--no-progress", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(tmp_path / "killed.yaml"),
-                             "--no-progress"], cwd=ROOT, env={**os.environ, "QLORA_KIT_STEP_DELAY": "0.5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "killed" / "checkpoints" / "step-0000004"
-    deadline = time.time() + 300
-    while not target.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.7)  # into step 5 or 6
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(tmp_path / "killed.yaml", target)  # into step 5 or 6
     assert target.exists() and not (tmp_path / "killed" / "adapter").exists()
     resumed = cli("train", str(tmp_path / "killed.yaml"), "--resume", "--no-progress", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

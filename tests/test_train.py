@@ -112,6 +112,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir, monke
     assert not (tmp_path / "run" / "checkpoints" / "step-0000006").exists()
 
 
+def kill_after(config: Path, checkpoint: Path) -> None:
+    """Train `config` in a child process, steps slowed down, and SIGKILL it a step or two after
+    `checkpoint` appears: mid-run, between checkpoints."""
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(config), "--no-progress"],
+                            cwd=ROOT, env={**os.environ, "QLORA_KIT_STEP_DELAY": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dir):
     """A run killed with SIGKILL mid-training and resumed ends with the same adapter, bit for bit."""
     raw = make_config(tmp_path, tiny_dir, max_steps=12, save_every=3, eval_every=6)
@@ -123,17 +137,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dir):
     done = cli("train", str(straight), "--no-progress", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    # Slow each step down so the kill lands between checkpoints, mid-run.
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(killed), "--no-progress"],
-                            cwd=ROOT, env={**os.environ, "QLORA_KIT_STEP_DELAY": "0.5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "killed" / "checkpoints" / "step-0000006"
-    deadline = time.time() + 300
-    while not target.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.7)  # into step 7 or 8
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(killed, target)  # into step 7 or 8
     assert target.exists() and not (tmp_path / "killed" / "adapter").exists()
     rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) >= 6
