@@ -204,9 +204,11 @@ class PreferenceLoss(nn.Module):
         stats = {}
         if self.method == "dpo":
             ref = self.reference_logps(input_ids, labels, attention_mask) if ref_logps is None else ref_logps
-            policy, ref = (logps / counts, ref / counts) if self.loss_type == "ipo" else (logps, ref)
-            losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type)
+            # IPO's loss is on per-token averages (as TRL's); its rewards, like every variant's, on sums
+            policy, base = (logps / counts, ref / counts) if self.loss_type == "ipo" else (logps, ref)
+            losses, _, _ = dpo_loss(policy[:n], policy[n:], base[:n], base[n:], self.beta, self.loss_type)
             loss = losses.mean()
+            chosen, rejected = (self.beta * (logps - ref).detach()).split(n)
         else:
             mean = logps / counts
             nll = -logps[:n].sum() / counts[:n].sum()
