@@ -84,7 +84,7 @@ class DataSection:
     eval: str | None = None          # held-out JSONL; if absent, eval_fraction of train is held out
     eval_fraction: float = 0.1
     max_seq_len: int = 512
-    packing: bool = False
+    packing: bool | str = "auto"     # SFT: several examples a row, each attending only to itself (auto: on)
     on_bad_line: str = "error"       # or "skip" (skipped lines are counted and reported)
     max_examples: int | None = None
 
@@ -169,7 +169,8 @@ class RunConfig:
         _check(t.method != "dpo" or t.precompute_ref or self.lora.init not in CHANGES_BASE, "train.precompute_ref",
                t.precompute_ref, f"must be true with lora.init: {self.lora.init} (its adapters start non-zero, so the "
                "reference model is the model as it starts, not the base with adapters off)")
-        _check(not (t.method != "sft" and d.packing), "data.packing", d.packing,
+        _check(d.packing in (True, False, "auto"), "data.packing", d.packing, "use auto, true or false")
+        _check(not (t.method != "sft" and d.packing is True), "data.packing", d.packing,
                "is for method: sft (preference pairs are scored one response per sequence)")
         _check(d.max_seq_len >= 8, "data.max_seq_len", d.max_seq_len, "must be at least 8")
         _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")

@@ -8,10 +8,14 @@ Chats are rendered with the tokenizer's chat template; a tokenizer without one g
 (ChatML). Labels are -100 on prompt tokens and padding. Every example ends in EOS (the template's
 end-of-turn token, or the tokenizer's eos appended to plain text), and the pad token is never EOS:
 with pad == EOS, masking padding would also mask the EOS the model must learn to stop on.
+
+A batch is the examples it draws, whether padded one a row or packed several a row (`collate`):
+packing keeps each example's positions and attention its own, so it changes the speed, not the loss.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from dataclasses import dataclass, field
@@ -179,8 +183,7 @@ class Dataset:
         return len(self.examples)
 
 
-def build_dataset(records: list[dict], tokenizer, max_seq_len: int, packing: bool = False,
-                  stats: DataStats | None = None) -> Dataset:
+def build_dataset(records: list[dict], tokenizer, max_seq_len: int, stats: DataStats | None = None) -> Dataset:
     stats = stats if stats is not None else DataStats()
     examples = []
     longest = 0
@@ -197,27 +200,9 @@ def build_dataset(records: list[dict], tokenizer, max_seq_len: int, packing: boo
     if not examples:
         raise QLoraKitError(f"every example is longer than data.max_seq_len={max_seq_len} (the longest has "
                             f"{longest} tokens) and nothing is left to train on: raise max_seq_len")
-    if packing:
-        examples = pack(examples, max_seq_len)
     stats.examples = len(examples)
     stats.tokens = sum(len(ids) for ids, _ in examples)
     return Dataset(examples, stats)
-
-
-def pack(examples: list[tuple[list[int], list[int]]], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate short examples into sequences of at most max_seq_len tokens (greedy, in order).
-
-    Examples in one pack attend to each other (no block-diagonal mask); the loss is still only on
-    their own labels. This is the usual trade: far less padding for a little cross-example context."""
-    packed, cur_ids, cur_labels = [], [], []
-    for ids, labels in examples:
-        if cur_ids and len(cur_ids) + len(ids) > max_seq_len:
-            packed.append((cur_ids, cur_labels))
-            cur_ids, cur_labels = [], []
-        cur_ids, cur_labels = cur_ids + ids, cur_labels + labels
-    if cur_ids:
-        packed.append((cur_ids, cur_labels))
-    return packed
 
 
 def split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -231,8 +216,17 @@ def split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[di
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padding is masked from attention and loss."""
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int,
+            pack_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; padding is masked from attention and loss.
+
+    With pack_to, the examples share rows of at most pack_to tokens when that computes fewer tokens
+    than padding each one (see `pack_rows`); the batch then has position_ids and no attention_mask."""
+    if pack_to is not None:
+        rows = pack_rows([len(ids) for ids, _ in batch], pack_to)
+        width = max(sum(len(batch[i][0]) for i in row) for row in rows)
+        if len(rows) * width < len(batch) * max(len(ids) for ids, _ in batch):
+            return _packed(batch, rows, width, pad_id)
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -242,6 +236,45 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         labels[row, :len(labs)] = torch.tensor(labs)
         mask[row, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the examples grouped into rows of at most `capacity` tokens: best fit, longest first
+    (each example goes to the fullest row that still has room for it)."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            rows.append([i])
+            bisect.insort(room, (capacity - lengths[i], len(rows) - 1))
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            bisect.insort(room, (free - lengths[i], row))
+    return rows
+
+
+def _packed(batch: list[tuple[list[int], list[int]]], rows: list[list[int]], width: int,
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of whole examples, each with position ids from 0. transformers reads restarting position
+    ids without an attention mask as packed sequences and confines attention to each one (a
+    block-diagonal causal mask with SDPA or eager attention, varlen kernels with flash-attention). The
+    first token of an example is never a target (it would be predicted from the example before it),
+    as it is not when the example runs alone; padding is one more sequence, attending only to itself."""
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ids, labs = batch[i]
+            input_ids[r, at:at + len(ids)] = torch.tensor(ids)
+            labels[r, at + 1:at + len(ids)] = torch.tensor(labs[1:])
+            positions[r, at:at + len(ids)] = torch.arange(len(ids))
+            at += len(ids)
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:

@@ -14,6 +14,7 @@ fp32 compute it does nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,37 @@ from .errors import QLoraKitError
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model does to its head's output before the softmax: logits = cap * tanh(scale * z / cap)
+    with z = head(hidden). Granite divides by logits_scaling, Cohere multiplies by logit_scale, Gemma 2
+    soft-caps at final_logit_softcapping; a loss that skipped these would train another model."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "HeadTransform":
+        config = getattr(model, "config", None)
+        scale = 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)
+        scale *= float(getattr(config, "logit_scale", None) or 1.0)
+        cap = getattr(config, "final_logit_softcapping", None)
+        return cls(scale, float(cap) if cap else None)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * self.scale if self.scale != 1.0 else z
+        return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
+
+    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """d logits / d z, from the transformed logits."""
+        if not self.softcap:
+            return self.scale
+        return self.scale * (1.0 - (logits / self.softcap) ** 2)
+
+
+IDENTITY = HeadTransform()
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Sum of token losses through a frozen linear head, chunk by chunk, with the gradient of its
     input computed in the forward pass while each chunk's logits exist.
@@ -34,17 +66,22 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     a time. What it keeps for backward is d(loss)/d(hidden): the size of `hidden` itself."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, transform):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
             logits = F.linear(h, weight, bias).float()
+            if transform != IDENTITY:
+                logits = transform(logits)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad is not None:  # softmax - one_hot(y), then through the head
-                probs = logits.sub_(lse[:, None]).exp_()
+            if grad is not None:  # softmax - one_hot(y), through the transform, then through the head
+                slope = transform.slope(logits) if transform != IDENTITY else 1.0
+                probs = logits.sub(lse[:, None]).exp_()
                 probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                if transform != IDENTITY:
+                    probs *= slope
                 torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + chunk_tokens])
         ctx.save_for_backward(grad)
         return total
@@ -52,7 +89,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
@@ -61,17 +98,19 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
             and not head._forward_pre_hooks)
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                transform: HeadTransform) -> torch.Tensor:
+    logits = transform(head(hidden).float())
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def chunked_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                    chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+                    chunk_tokens: int = 1024, transform: HeadTransform = IDENTITY) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of tokens) for next-token prediction.
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) with IGNORE_INDEX where no
-    loss is wanted. Shifts by one position internally, as transformers does."""
+    loss is wanted. Shifts by one position internally, as transformers does. transform: the model's
+    own scaling or soft-capping of the logits (HeadTransform.of(model))."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != IGNORE_INDEX
@@ -81,18 +120,19 @@ def chunked_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     if n == 0:
         return total + 0.0 * hidden.sum(), 0  # keeps the graph connected
     if _frozen_linear(head):  # the usual case: LoRA never trains the head
-        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens), n
+        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens, transform), n
     for start in range(0, n, chunk_tokens):
         hs, ys = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
         if torch.is_grad_enabled() and hs.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, hs, ys, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, hs, ys, transform, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, hs, ys)
+            total = total + _chunk_loss(head, hs, ys, transform)
     return total, n
 
 
-def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                       transform: HeadTransform) -> torch.Tensor:
+    logits = transform(head(hidden).float())
     return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -106,7 +146,7 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     more than one chunk of logits exists at a time, as in `chunked_lm_loss`."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
+    head, transform = model.get_output_embeddings(), HeadTransform.of(model)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     rows = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(labels.shape[1] - 1)
@@ -116,20 +156,23 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     for start in range(0, int(y.numel()), chunk_tokens):
         hs, ys = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
         if torch.is_grad_enabled() and hs.requires_grad:
-            part = checkpoint(_chunk_token_logps, head, hs, ys, use_reentrant=False)
+            part = checkpoint(_chunk_token_logps, head, hs, ys, transform, use_reentrant=False)
         else:
-            part = _chunk_token_logps(head, hs, ys)
+            part = _chunk_token_logps(head, hs, ys, transform)
         sums = sums.index_add(0, rows[start:start + chunk_tokens], part)
     counts = torch.bincount(rows, minlength=labels.shape[0])
     return sums, counts
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
-    """Run the decoder body, then `chunked_lm_loss` on its output head. Returns (mean loss, tokens)."""
+                   attention_mask: torch.Tensor | None = None, chunk_tokens: int = 1024,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Run the decoder body, then `chunked_lm_loss` on its output head. Returns (mean loss, tokens).
+    position_ids that restart within a row (and no attention_mask) mark packed examples (data.collate)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    total, n = chunked_lm_loss(model.get_output_embeddings(), out.last_hidden_state, labels, chunk_tokens)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    total, n = chunked_lm_loss(model.get_output_embeddings(), out.last_hidden_state, labels, chunk_tokens,
+                               HeadTransform.of(model))
     return total / max(n, 1), n
 
 

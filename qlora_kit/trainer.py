@@ -57,7 +57,7 @@ from .modeltree import decoder_layers
 from .models import resolve_model_path
 from .optim import build_optimizer, build_scheduler
 from .plan import plan_memory
-from .preference import PreferenceLoss, build_pairs, collate_pairs, pair_messages
+from .preference import PairExample, PreferenceLoss, build_pairs, collate_pairs, pair_messages
 from .runs import REF_FILE, RunPlan, plan_run, run_folder
 from .tensorfiles import read_tensors
 
@@ -77,8 +77,8 @@ class LossModule(nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, labels, attention_mask=None):
-        return causal_lm_loss(self.model, input_ids, labels, attention_mask, self.chunk_tokens)
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, self.chunk_tokens, position_ids)
 
 
 @dataclass
@@ -120,6 +120,7 @@ class Data:
     eval: Dataset | None
     pad_id: int
     stats: DataStats
+    pack_to: int | None = None        # SFT batches share rows of this many tokens when that saves work
 
 
 @dataclass
@@ -209,15 +210,15 @@ def _read_data(run: Run) -> tuple[list[dict], list[dict], DataStats]:
 
 
 def _tokenise(run: Run, train_records: list[dict], eval_records: list[dict], stats: DataStats, tokenizer) -> Data:
-    """The records as token ids and loss masks (packed when data.packing says so)."""
+    """The records as token ids and loss masks (SFT batches packed when data.packing says so)."""
     d = run.config.data
     if run.config.train.method != "sft":  # a Dataset of PairExample: each example a (chosen, rejected) pair
         train_set = Dataset(build_pairs(train_records, tokenizer, d.max_seq_len, stats), stats)
         eval_set = Dataset(build_pairs(eval_records, tokenizer, d.max_seq_len), DataStats()) if eval_records else None
         return Data(train_set, eval_set, tokenizer.pad_token_id, stats)
-    train_set = build_dataset(train_records, tokenizer, d.max_seq_len, d.packing, stats)
-    eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len, False) if eval_records else None
-    return Data(train_set, eval_set, tokenizer.pad_token_id, stats)
+    train_set = build_dataset(train_records, tokenizer, d.max_seq_len, stats)
+    eval_set = build_dataset(eval_records, tokenizer, d.max_seq_len) if eval_records else None
+    return Data(train_set, eval_set, tokenizer.pad_token_id, stats, d.max_seq_len if d.packing else None)
 
 
 # ---------------------------------------------------------------- model
@@ -365,10 +366,9 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
     Stops the run when the loss or the weights diverge."""
     t, accelerator, scaler = run.config.train, run.accelerator, learner.scaler
     tokens, losses, stats = 0, [], []
-    collate_batch = collate if t.method == "sft" else collate_pairs
     for micro in range(t.grad_accum):
-        _, batch = next(batches)
-        batch = {k: v.to(accelerator.device) for k, v in collate_batch(batch, data.pad_id).items()}
+        _, examples = next(batches)
+        batch = {k: v.to(accelerator.device) for k, v in _collate(data, examples).items()}
         sync = micro == t.grad_accum - 1
         if learner.sharded:
             for layer in decoder_layers(learner.model):
@@ -378,7 +378,7 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
             accelerator.backward(scaler.scale(loss / t.grad_accum))
         losses.append(loss.detach())
         stats += extra
-        tokens += int(batch["attention_mask"].sum())
+        tokens += real_tokens(examples)
     step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
     metrics = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), reduction="mean").item()
                for k in (stats[0] if stats else {})}
@@ -401,13 +401,27 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
     return step_loss, tokens, taken, metrics
 
 
+def _collate(data: Data, examples: list) -> dict[str, torch.Tensor]:
+    if isinstance(examples[0], PairExample):
+        return collate_pairs(examples, data.pad_id)
+    return collate(examples, data.pad_id, data.pack_to)
+
+
+def real_tokens(examples: list) -> int:
+    """The tokens of a micro-batch's examples, padding left out (what tokens/s counts)."""
+    if examples and isinstance(examples[0], PairExample):
+        return sum(len(p.chosen[0]) + len(p.rejected[0]) for p in examples)
+    return sum(len(ids) for ids, _ in examples)
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, device, accelerator) -> float:
+def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, device, accelerator,
+             pack_to: int | None = None) -> float:
     """Token-weighted mean loss over the whole held-out set (all processes together).
 
     Every process runs the same number of forward passes (a sharded model gathers weights in each
@@ -421,7 +435,7 @@ def evaluate(loss_module: nn.Module, dataset, batch_size: int, pad_id: int, devi
         for i in range(rounds):
             start = (i * world + rank) * batch_size
             chunk = dataset.examples[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk or dataset.examples[:1], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(chunk or dataset.examples[:1], pad_id, pack_to).items()}
             loss, n = loss_module(**batch)
             if chunk:
                 total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
@@ -435,7 +449,8 @@ def _evaluate(run: Run, data: Data, learner: Learner) -> dict:
     preference metrics as eval_rewards/margins, ... (DPO, ORPO)."""
     t, accelerator = run.config.train, run.accelerator
     if t.method == "sft":
-        loss = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device, accelerator)
+        loss = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device, accelerator,
+                        data.pack_to)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     measured = evaluate_pairs(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device,
                               accelerator)

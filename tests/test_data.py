@@ -5,8 +5,8 @@ import json
 import pytest
 
 from qlora_kit import QLoraKitError
-from qlora_kit.data import (DataStats, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split,
-                            tokenize)
+from qlora_kit.data import (DataStats, build_dataset, collate, microbatches, pack_rows, prepare_tokenizer, read_jsonl,
+                            split, tokenize)
 from qlora_kit.losses import IGNORE_INDEX
 from tiny import make_tokenizer
 
@@ -93,13 +93,30 @@ def test_truncation_counted_and_all_too_long_is_an_error(tok):
         build_dataset([long, long], tok, max_seq_len=16)
 
 
-def test_packing(tok):
-    recs = [{"text": "the dog"}] * 10
-    plain = build_dataset(recs, tok, 32)
-    packed = build_dataset(recs, tok, 32, packing=True)
-    assert len(packed) < len(plain)
-    assert sum(len(i) for i, _ in packed.examples) == sum(len(i) for i, _ in plain.examples)
-    assert all(len(i) <= 32 for i, _ in packed.examples)
+def test_pack_rows_best_fit_longest_first():
+    rows = pack_rows([5, 9, 3, 7, 1, 2], capacity=10)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum([5, 9, 3, 7, 1, 2][i] for i in row) <= 10 for row in rows)
+    assert rows == [[1, 4], [3, 2], [0, 5]]  # 9+1, 7+3, 5+2: three rows, the fewest possible
+    assert pack_rows([10, 10], 10) == [[0], [1]] and pack_rows([], 4) == []
+
+
+def test_collate_packs_when_it_computes_fewer_tokens(tok):
+    short, long_ = ([5, 6, 7], [-100, 6, 7]), (list(range(10, 20)), [-100] * 5 + list(range(15, 20)))
+    batch = collate([short, long_, short], pad_id=0, pack_to=13)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 13)
+    assert batch["input_ids"][0].tolist() == list(range(10, 20)) + [5, 6, 7]
+    assert batch["position_ids"][0].tolist() == list(range(10)) + [0, 1, 2]
+    # the first token of each example is no target: it would be predicted from the example before it
+    assert batch["labels"][0].tolist() == [-100] * 5 + list(range(15, 20)) + [-100, 6, 7]
+    # the padding is a sequence of its own (positions from 0), and no target
+    assert batch["input_ids"][1].tolist() == [5, 6, 7] * 1 + [0] * 10
+    assert batch["position_ids"][1].tolist() == [0, 1, 2] + list(range(10))
+    assert (batch["labels"][1, 3:] == -100).all()
+    # where packing saves nothing the batch is padded as before
+    plain = collate([long_, long_], pad_id=0, pack_to=16)
+    assert set(plain) == {"input_ids", "labels", "attention_mask"} and plain["input_ids"].shape == (2, 10)
+    assert collate([short, long_], 0, pack_to=None)["input_ids"].shape == (2, 10)
 
 
 def test_split_is_fixed_and_disjoint():

@@ -1,9 +1,10 @@
 """The chunked loss equals transformers' loss, and so do its gradients."""
 
+import pytest
 import torch
 
 from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, lora_state_dict
-from qlora_kit.losses import IGNORE_INDEX, causal_lm_loss, chunked_lm_loss
+from qlora_kit.losses import IGNORE_INDEX, HeadTransform, causal_lm_loss, chunked_lm_loss
 
 
 def test_chunked_loss_and_grads_match_transformers(tiny_dir):
@@ -49,3 +50,27 @@ def test_trainable_head_falls_back_to_checkpointed_chunks_with_same_numbers():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_models_logit_scaling_and_soft_capping_are_in_the_loss(tiny_dirs, arch, head_trains):
+    """fp32. Gemma 2 soft-caps its logits (cap * tanh(z / cap)) and Granite divides them by logits_scaling:
+    the chunked loss, on either head path, equals transformers' own loss, and so do the gradients."""
+    model, _ = load_model(tiny_dirs(arch), quant=None, dtype="fp32", progress=False)
+    transform = HeadTransform.of(model)
+    assert transform != HeadTransform(), "the tiny model must exercise the transform"
+    model.lm_head.weight.requires_grad_(head_trains)
+    model.model.norm.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    expected = model(input_ids=ids, labels=labels).loss
+    expected.backward()
+    want = model.model.norm.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss, n = causal_lm_loss(model, ids, labels, chunk_tokens=5)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.model.norm.weight.grad, want, rtol=1e-4, atol=1e-6)

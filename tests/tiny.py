@@ -42,6 +42,10 @@ ARCHS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),  # biases on q/k/v
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
+    "gemma": dict(model_type="gemma", head_dim=16),  # (1 + w) norms, scaled embeddings, tied head
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+    "granite": dict(model_type="granite", logits_scaling=4.0, embedding_multiplier=2.0,
+                    residual_multiplier=0.5, attention_multiplier=0.25),
 }
 
 
