@@ -47,11 +47,31 @@ class HeadTransform:
         z = z * self.scale if self.scale != 1.0 else z
         return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
 
-    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
-        """d logits / d z, from the transformed logits."""
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        """The same, in place, on a tensor that no autograd graph holds."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        return z.div_(self.softcap).tanh_().mul_(self.softcap) if self.softcap else z
+
+    def logit_grad_(self, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Turn a chunk's transformed logits, in place, into d(sum of token losses) / d z:
+        (softmax - one_hot(labels)) times d logits / d z. In place because a chunk of fp32 logits is
+        the loss's whole peak: a second buffer of that size would raise it by half."""
+        rows = torch.arange(labels.numel(), device=labels.device)
         if not self.softcap:
-            return self.scale
-        return self.scale * (1.0 - (logits / self.softcap) ** 2)
+            logits.sub_(lse[:, None]).exp_()
+            logits[rows, labels] -= 1.0
+            return logits.mul_(self.scale) if self.scale != 1.0 else logits
+        # d logits / d z = scale * (1 - (logits / cap)^2): made a block of rows at a time, so the
+        # only extra buffer is one block's, and applied to the one-hot part at the labels as well.
+        at_labels = torch.empty_like(lse)
+        for r in range(0, logits.shape[0], 128):
+            block = logits[r:r + 128]
+            slope = block.div(self.softcap).square_().neg_().add_(1.0).mul_(self.scale)
+            at_labels[r:r + 128] = slope.gather(1, labels[r:r + 128, None]).squeeze(1)
+            block.sub_(lse[r:r + 128, None]).exp_().mul_(slope)
+        logits[rows, labels] -= at_labels
+        return logits
 
 
 IDENTITY = HeadTransform()
@@ -71,17 +91,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-            logits = F.linear(h, weight, bias).float()
-            if transform != IDENTITY:
-                logits = transform(logits)
+            logits = transform.apply_(F.linear(h, weight, bias).float())
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad is not None:  # softmax - one_hot(y), through the transform, then through the head
-                slope = transform.slope(logits) if transform != IDENTITY else 1.0
-                probs = logits.sub(lse[:, None]).exp_()
-                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
-                if transform != IDENTITY:
-                    probs *= slope
+                probs = transform.logit_grad_(logits, lse, y)
                 torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + chunk_tokens])
         ctx.save_for_backward(grad)
         return total
