@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .errors import QLoraKitError, closest
+from .fit import parse_budget
 from .lora import CHANGES_BASE, LoraConfig
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, SCHEDULES
 from .preference import DPO_LOSSES, METHODS
@@ -101,7 +102,8 @@ class TrainSection:
     schedule: str = "cosine"         # one of qlora_kit.optim.SCHEDULES
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | str = "auto"   # auto: the fewest blocks that fit memory_budget; true, false, or N
+    memory_budget: int | float | str | None = None     # "12GiB", "16GB", bytes; null: a GPU's free memory, half the RAM on CPU
     fsdp: bool = False               # with several processes: shard the 4-bit weights (FSDP2), not replicate
     loss_chunk_tokens: int = 1024
     eval_every: int = 50
@@ -161,6 +163,17 @@ class RunConfig:
                f"use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
         _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
                "use auto, cpu or cuda")
+        _check(t.gradient_checkpointing in (True, False, "auto") or type(t.gradient_checkpointing) is int
+               and t.gradient_checkpointing >= 0, "train.gradient_checkpointing", t.gradient_checkpointing,
+               "use auto (the fewest blocks that fit train.memory_budget), true (every block), false, or a number "
+               "of blocks")
+        if t.memory_budget is not None:
+            try:
+                budget = parse_budget(t.memory_budget)
+            except QLoraKitError:
+                budget = None
+            _check(budget is not None, "train.memory_budget", t.memory_budget,
+                   "should be a positive size such as 12GiB, 16GB or 800MiB, or a number of bytes")
         _check(t.method in METHODS, "train.method", t.method, f"use one of {', '.join(METHODS)}")
         _check(t.beta > 0, "train.beta", t.beta, "must be positive (0.1 is usual for DPO and ORPO)")
         _check(t.loss_type in DPO_LOSSES, "train.loss_type", t.loss_type, f"use one of {', '.join(DPO_LOSSES)}")

@@ -2,15 +2,25 @@
 card fits which model.
 
 Owns the card tables (GPUS for `qlora-kit plan`'s verdicts, COLAB_GPUS for the notebooks),
-free_memory and check_fits (the trainer's warning before it loads), and fit_table (the notebooks'
-table). The plan itself comes from qlora_kit.plan.
+free_memory and check_fits (the trainer's warning before it loads), the memory budget and the
+fewest checkpointed blocks that fit it (the trainer's `gradient_checkpointing: auto`), and
+fit_table (the notebooks' table). The plan itself comes from qlora_kit.plan.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from .errors import QLoraKitError
 from .plan import COMPONENTS, GiB, MemoryPlan, MiB, plan_memory
+
+# The share of the host's available RAM a CPU run may plan for when no budget is given: the rest is
+# left to the system and whatever else the machine runs (a laptop's browser, the data loader).
+CPU_BUDGET_SHARE = 0.5
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+          "kib": 1024, "mib": MiB, "gib": GiB, "tib": 1024 ** 4}
 
 
 # Usable memory as the cards report it (nvidia-smi totals), for the verdict table.
@@ -57,6 +67,41 @@ def check_fits(plan: MemoryPlan, device: str | torch.device = "cuda", free_bytes
             f"{free / GiB:.1f} GiB free; it will likely run out of memory. The largest part that settings "
             f"change is {COMPONENTS[biggest]} ({c[biggest] / GiB:.1f} GiB): lower batch or seq_len, keep "
             "gradient checkpointing on, or use a paged 8-bit optimiser")
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget, and how many blocks to recompute for it
+
+
+def parse_budget(value: int | float | str) -> int:
+    """Bytes from a budget as a user writes it: 12884901888, "12GiB", "12 GB", "800MiB"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise QLoraKitError(f"memory budget {value!r}: write a positive size such as 12GiB, 16GB or 800MiB "
+                            "(or a number of bytes)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def default_budget(device: str | torch.device) -> tuple[int, str]:
+    """(bytes, where they come from) when the user names no budget: a GPU's free memory, or a share of
+    the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return free_memory(device), f"the free memory of {device}"
+    return int(CPU_BUDGET_SHARE * free_memory(device)), f"{CPU_BUDGET_SHARE:.0%} of the available RAM"
+
+
+def fewest_checkpointed_blocks(plan: MemoryPlan, budget_bytes: int) -> MemoryPlan:
+    """The plan with the fewest decoder blocks checkpointed (each one checkpointed runs its forward
+    pass twice) whose peak fits `budget_bytes`; every block checkpointed when none fits."""
+    layers = plan.settings["layers"]
+    for blocks in range(layers + 1):
+        candidate = plan.with_settings(gradient_checkpointing=blocks)
+        if candidate.fits(budget_bytes):
+            return candidate
+    return plan.with_settings(gradient_checkpointing=layers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
 from .memory import return_freed_memory
-from .modeltree import linear_layer_names, set_module
+from .modeltree import checkpointed_blocks, decoder_layers, linear_layer_names, set_module
 from .dtypes import resolve_dtype
 from .quant import QuantConfig, QuantLinear
 from .record import record_of
@@ -171,13 +171,22 @@ def load_tokenizer_from(path: str | Path):
                             "to load the model alone") from None
 
 
-def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> None:
-    """Recompute each decoder block in the backward pass (non-reentrant), or stop doing so."""
+def set_gradient_checkpointing(model: nn.Module, enabled: bool | int = True) -> None:
+    """Recompute decoder blocks in the backward pass (non-reentrant), or stop doing so.
+
+    enabled: True for every block, False for none, or a number of blocks: the first ones, whose
+    recomputation comes last in the backward pass, when the unchecked blocks have freed their
+    internals (qlora_kit.plan picks that number for a memory budget)."""
+    layers = decoder_layers(model)
+    blocks = checkpointed_blocks(enabled, len(layers))
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
-        model.activation_checkpointing_enable(kwargs) if enabled else model.activation_checkpointing_disable()
-    elif enabled:
+        model.activation_checkpointing_enable(kwargs) if blocks else model.activation_checkpointing_disable()
+    elif blocks:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
-    model.config.use_cache = not enabled
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < blocks
+    model.config.use_cache = not blocks

@@ -47,6 +47,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def checkpointed_blocks(gradient_checkpointing: bool | int, layers: int) -> int:
+    """How many decoder blocks a gradient_checkpointing setting checkpoints: True all, False none,
+    an integer that many (the first ones)."""
+    if isinstance(gradient_checkpointing, bool):
+        return layers if gradient_checkpointing else 0
+    if not isinstance(gradient_checkpointing, int) or not 0 <= gradient_checkpointing <= layers:
+        raise QLoraKitError(f"gradient_checkpointing={gradient_checkpointing!r}: use true, false, 'auto' or a "
+                            f"number of decoder blocks to checkpoint from 0 to {layers}")
+    return gradient_checkpointing
+
+
 def select_targets(names: list[str], targets: str | list[str]) -> list[str]:
     """The names among `names` (full linear-layer names) that `targets` selects.
 

@@ -22,6 +22,9 @@ What stays alive with per-block, non-reentrant gradient checkpointing:
   * the chunked loss (losses.py): fp32 logits of a chunk or two, logsumexp's fp32 scratch, and the
     hidden-sized tensors around the head.
 Without checkpointing every block keeps its internals from the forward pass to the backward pass.
+Checkpointing some blocks mixes the two; the first ones are checkpointed, because the backward pass
+reaches them last: by then the unchecked blocks' internals are freed, so only one of the two kinds
+of peak carries the other's bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .errors import QLoraKitError, closest
 from .lora import LoraConfig
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, optimizer_bytes
 from .quant import QuantConfig, dtype_name, resolve_dtype
+from .modeltree import checkpointed_blocks
 from .shapes import FAMILIES, ModelShape, resolve_shape, target_layers
 
 GiB = 1024 ** 3
@@ -194,6 +198,12 @@ def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> in
     return logits * shape.vocab + cb * tokens * shape.hidden
 
 
+def checkpointing_label(settings: dict) -> str:
+    """' no-ckpt', ' ckpt 12/30' or '' (every block checkpointed, the default) for a plan's summary."""
+    k, layers = settings["checkpointed_blocks"], settings["layers"]
+    return "" if k == layers else " no-ckpt" if k == 0 else f" ckpt {k}/{layers}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 
@@ -266,20 +276,22 @@ class MemoryPlan:
             f"{s['quant']['quant_type']}{'+dq' if s['quant']['double_quant'] else ''}" if s["quant"]["bits"] == 4 else "int8")
         static = self.total - c["activations"] - c["logits_loss"] - c["overhead"]
         return (f"memory plan: {self.model} {quant} r{s['r']} batch {s['batch']} x seq {s['seq_len']}"
-                f"{'' if s['gradient_checkpointing'] else ' no-ckpt'} {s['optimizer']} on {s['device']}: "
+                f"{checkpointing_label(s)} {s['optimizer']} on {s['device']}: "
                 f"{self.total / GiB:.2f} GiB (static {static / GiB:.2f}, activations+logits "
                 f"{(c['activations'] + c['logits_loss']) / GiB:.2f}, overhead {c['overhead'] / GiB:.2f})")
 
 
 def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(), lora: LoraConfig | None = None,
-                batch: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
+                batch: int = 1, seq_len: int = 512, gradient_checkpointing: bool | int = True,
                 optimizer: str = DEFAULT_OPTIMIZER, device: str = "cuda", chunk_tokens: int = 1024,
                 dtype: torch.dtype | str | None = None) -> MemoryPlan:
     """Plan the memory of a QLoRA training step.
 
     model_or_config: a preset name ('llama-3.1-8b'), a model folder or config.json, a config dict or
     transformers config, or a loaded model. The other arguments are the run's settings, as the
-    loader, `add_lora`, the optimiser and `causal_lm_loss` take them; dtype, as `load_model`'s,
+    loader, `add_lora`, the optimiser and `causal_lm_loss` take them; gradient_checkpointing, as
+    `set_gradient_checkpointing`'s: True (every block), False (none) or the number of blocks
+    checkpointed, counted from the first; dtype, as `load_model`'s,
     defaults to quant.compute_dtype ('auto': the device's fast dtype). device 'cuda' adds the CUDA
     context and allocator overhead; 'cpu' adds the interpreter's resident memory.
     """
@@ -294,6 +306,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     if lora.dtype == "auto":  # adapters compute in the model's dtype, as add_lora does
         lora = replace(lora, dtype=cdtype)
     _check_settings(shape, lora, batch, seq_len, optimizer, device, chunk_tokens)
+    blocks = checkpointed_blocks(gradient_checkpointing, shape.layers)
     cb = torch.finfo(cdtype).bits // 8
 
     qbytes = qconst = 0
@@ -317,32 +330,34 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
 
     tokens = batch * seq_len
     h = shape.hidden
+    k, free = blocks, shape.layers - blocks   # the first k blocks are checkpointed, the rest keep their internals
     per_block = block_saved_per_token(shape, lora, targeted, cb) * tokens + block_constants(shape, lora, targeted)
     residual = cb * h * tokens
     rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables   # cos and sin, shared by the blocks
-    transient = block_backward_transient(shape, tokens, cb, quant, gradient_checkpointing)
     # Around the head: the final norm's fp32 input and its output, the loss's copy of the positions
     # it scores (the input gradient is in loss_bytes).
     final_norm = (4 + 2 * cb) * h * tokens
-    # The backward pass first runs the loss (one chunk of logits at a time), then the blocks one by
-    # one: the peak is what stays alive throughout plus the larger of those two phases.
-    if gradient_checkpointing:
-        kept = shape.layers * residual + rotary
-        block_phase = per_block + transient
-        # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
-        # still holds its graph's embedding output and one gradient of the same size; and the
-        # shared-dropout slot holds the last block's dropped input.
-        around_loss = 2 * residual + shared_dropout_bytes(shape, lora, targeted, tokens)
-    else:
-        # Each block's first norm saves its fp32 input (with fp32 compute the block's input itself,
-        # which per_block leaves out), except the first block's: its input needs no gradient.
-        norm_inputs = (shape.layers - 1) * 4 * h * tokens if cb == 4 else -4 * h * tokens
-        kept = shape.layers * per_block + norm_inputs + rotary
-        block_phase = transient
-        around_loss = 0
+    # Alive from the forward pass into the backward pass: a checkpointed block's input, an
+    # unchecked block's saved internals. An unchecked block's first norm also saves its fp32 input
+    # (with fp32 compute the block's input itself, which per_block leaves out), except the first
+    # block's: its input needs no gradient.
+    norm_inputs = (free * 4 * h * tokens if cb == 4 else 0) - (4 * h * tokens if k == 0 else 0)
+    kept = k * residual + free * per_block + norm_inputs + rotary
+    # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
+    # still holds, through the first checkpointed block, its embedding output and one gradient of
+    # the same size; and with every block checkpointed the shared-dropout slot holds the last
+    # block's dropped input, which an unchecked last block saves anyway.
+    around_loss = (2 * residual if k else 0) + (shared_dropout_bytes(shape, lora, targeted, tokens) if not free else 0)
+    # The backward pass runs the loss (one chunk of logits at a time), then the blocks from the last:
+    # the unchecked ones first, with all of them still holding their internals, then the
+    # checkpointed ones, each recomputed, when only the checkpointed inputs are left.
     logits = loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
-    loss_peak = around_loss + final_norm + logits >= block_phase
-    activations = int(kept + (around_loss + final_norm if loss_peak else block_phase))
+    at_loss = kept + around_loss + final_norm
+    in_blocks = max(kept + block_backward_transient(shape, tokens, cb, quant, False) if free else 0,
+                    k * residual + rotary + per_block + block_backward_transient(shape, tokens, cb, quant, True)
+                    if k else 0)
+    loss_peak = at_loss + logits >= in_blocks
+    activations = int(at_loss if loss_peak else in_blocks)
     logits = logits if loss_peak else 0
 
     dynamic = activations + logits
@@ -372,11 +387,11 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         "quant": None if quant is None else quant.to_dict(), "r": lora.r, "alpha": lora.alpha,
         "compute_dtype": dtype_name(cdtype),
         "targets": lora.targets, "dropout": lora.dropout, "adapter_dtype": dtype_name(lora.dtype),
-        "batch": batch, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
-        "optimizer": optimizer, "device": device, "chunk_tokens": chunk_tokens,
+        "batch": batch, "seq_len": seq_len, "gradient_checkpointing": blocks if 0 < blocks < shape.layers else blocks > 0,
+        "checkpointed_blocks": blocks, "layers": shape.layers, "optimizer": optimizer, "device": device, "chunk_tokens": chunk_tokens,
     }
     inputs = dict(model_or_config=shape, quant=quant, lora=lora, batch=batch, seq_len=seq_len,
-                  gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, device=device,
+                  gradient_checkpointing=blocks, optimizer=optimizer, device=device,
                   chunk_tokens=chunk_tokens, dtype=cdtype)
     return MemoryPlan(shape.name, settings, components, shape.parameters(), trainable, notes, inputs)
 

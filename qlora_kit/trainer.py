@@ -48,7 +48,7 @@ from .config import RunConfig, config_from_dict, load_config
 from .data import DataStats, Dataset, build_dataset, collate, microbatches, prepare_tokenizer, read_jsonl, split
 from .errors import QLoraKitError
 from .export import export_merged
-from .fit import check_fits
+from .fit import check_fits, default_budget, fewest_checkpointed_blocks, parse_budget
 from .fsdp import full_lora_state, local_packed_bytes, optimizer_state, shard_model
 from .io import atomic_file, atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
@@ -56,7 +56,7 @@ from .losses import LossScaler, causal_lm_loss, sequence_logps
 from .modeltree import decoder_layers
 from .models import resolve_model_path
 from .optim import build_optimizer, build_scheduler
-from .plan import plan_memory
+from .plan import GiB, plan_memory
 from .preference import PairExample, PreferenceLoss, build_pairs, collate_pairs, pair_messages
 from .runs import REF_FILE, RunPlan, plan_run, run_folder
 from .tensorfiles import read_tensors
@@ -147,9 +147,9 @@ def train(config: RunConfig | dict | str | Path, resume: bool = False, overwrite
     with the YAML's sections); see the module docstring."""
     run = _setup(config, resume, overwrite, progress)
     train_records, eval_records, stats = _read_data(run)
-    base, model, tokenizer = _load_model(run)
+    base, model, tokenizer, checkpointing = _load_model(run)
     data = _tokenise(run, train_records, eval_records, stats, tokenizer)  # with the model's own tokenizer
-    learner = _prepare_model(run, base, model, data)
+    learner = _prepare_model(run, base, model, data, checkpointing)
     start_step = _resume_or_seed(run, learner)
     run.say(_summary(data, learner, start_step))
     with run_folder(run.plan, run.config, run.main, run.say):
@@ -223,41 +223,59 @@ def _tokenise(run: Run, train_records: list[dict], eval_records: list[dict], sta
 
 # ---------------------------------------------------------------- model
 
-def _load_model(run: Run) -> tuple[Path, nn.Module, object]:
-    """(base folder, quantised model, prepared tokenizer), after the memory plan is printed."""
+def _load_model(run: Run) -> tuple[Path, nn.Module, object, bool | int]:
+    """(base folder, quantised model, prepared tokenizer, how many blocks to checkpoint), after the
+    memory plan is printed."""
     config = run.config
     base = resolve_model_path(config.model.path)
-    if run.main:
-        announce_plan(base, config, run.accelerator.device)
+    # every process checkpoints the same blocks: the main one's plan decides (its budget, its print)
+    checkpointing = _decided_on_main(run.accelerator, lambda: announce_plan(base, config, run.accelerator.device))
     model, tokenizer = load_model(base, quant=config.quant.build(), device=run.accelerator.device,
                                   trust_remote_code=config.model.trust_remote_code, progress=run.progress and run.main)
-    return base, model, prepare_tokenizer(tokenizer)
+    return base, model, prepare_tokenizer(tokenizer), checkpointing
 
 
-def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> None:
-    """Print the memory plan in one line, and warn before loading if it will not fit."""
+def announce_plan(model_path: Path, config: RunConfig, device: torch.device) -> bool | int:
+    """Print the memory plan in one line, warn before loading if it will not fit, and settle the
+    gradient checkpointing: train.gradient_checkpointing as given, or with 'auto' the fewest
+    checkpointed blocks (the fastest step) whose plan fits train.memory_budget, else the device's
+    default budget (qlora_kit.fit.default_budget)."""
     t = config.train
+    auto = t.gradient_checkpointing == "auto"
     try:
         # a preference batch holds both responses of each pair: twice the sequences
         plan = plan_memory(model_path, config.quant.build(), config.lora.build(t.seed),
                            batch=t.batch_size * (1 if t.method == "sft" else 2),
-                           seq_len=config.data.max_seq_len, gradient_checkpointing=t.gradient_checkpointing,
+                           seq_len=config.data.max_seq_len, gradient_checkpointing=True if auto else t.gradient_checkpointing,
                            optimizer=t.optimizer, device=device.type, chunk_tokens=t.loss_chunk_tokens)
     except QLoraKitError as e:  # a model family the planner does not know must not stop training
-        print(f"qlora-kit: no memory plan ({e})")
-        return
-    print(f"qlora-kit: {plan.summary()}")
+        print(f"qlora-kit: no memory plan ({e}){'; checkpointing every block' if auto else ''}")
+        return True if auto else t.gradient_checkpointing
+    choice = ""
+    if auto:
+        if t.memory_budget is not None:
+            budget, source = parse_budget(t.memory_budget), "train.memory_budget"
+        else:
+            budget, source = default_budget(device)
+        plan = fewest_checkpointed_blocks(plan, budget)
+        k, layers = plan.settings["checkpointed_blocks"], plan.settings["layers"]
+        fits = plan.fits(budget)
+        choice = (f"; checkpointing {k} of {layers} blocks, the fewest that fit {budget / GiB:.2f} GiB ({source})"
+                  if fits else f"; checkpointing every block, and even so it needs more than {budget / GiB:.2f} GiB "
+                  f"({source})")
+    print(f"qlora-kit: {plan.summary()}{choice}")
     warning = check_fits(plan, device)
     if warning:
         warnings.warn(warning, stacklevel=2)
+    return plan.settings["checkpointed_blocks"] if auto else t.gradient_checkpointing
 
 
-def _prepare_model(run: Run, base: Path, model: nn.Module, data: Data) -> Learner:
+def _prepare_model(run: Run, base: Path, model: nn.Module, data: Data, checkpointing: bool | int) -> Learner:
     """Adapters, gradient checkpointing, sharding or data-parallel wrapping, optimiser, scheduler, loss scaler."""
     t, accelerator = run.config.train, run.accelerator
     world = accelerator.num_processes
     add_lora(model, run.config.lora.build(t.seed))
-    set_gradient_checkpointing(model, t.gradient_checkpointing)
+    set_gradient_checkpointing(model, checkpointing)
     trainable, total_params = trainable_parameters(model)
 
     per_step = t.batch_size * t.grad_accum * world

@@ -170,25 +170,31 @@ def test_gradient_checkpointing_on_off_agree(tiny_dir, bits, dtype):
         loss.backward()
         return loss.detach(), {k: p.grad.clone() for k, p in lora_state_dict(model).items()}
 
-    loss_on, g_on = grads(True)
     loss_off, g_off = grads(False)
-    assert torch.equal(loss_on, loss_off)
-    for k in g_on:
-        torch.testing.assert_close(g_on[k], g_off[k], rtol=1e-5, atol=1e-7)
+    for checkpointing in (True, 1):   # every block, or the first of two
+        loss_on, g_on = grads(checkpointing)
+        assert torch.equal(loss_on, loss_off)
+        for k in g_on:
+            torch.testing.assert_close(g_on[k], g_off[k], rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_recomputes(tiny_dir):
-    """With checkpointing on, the decoder blocks really run twice per step (forward + recompute)."""
+    """With checkpointing on, the decoder blocks really run twice per step (forward + recompute);
+    with a number of blocks, only the first ones do."""
     model, _ = load_model(tiny_dir, quant=Q4, progress=False)
     add_lora(model, LoraConfig(r=4, dropout=0.0))
-    calls = []
-    model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    calls = {0: [], 1: []}
+    for i in calls:
+        model.model.layers[i].mlp.register_forward_pre_hook(lambda *a, i=i: calls[i].append(1))
     model.train()
-    for on, expected in ((True, 2), (False, 1)):
-        calls.clear()
+    for on, expected in ((True, [2, 2]), (False, [1, 1]), (1, [2, 1]), (0, [1, 1]), (2, [2, 2])):
+        for c in calls.values():
+            c.clear()
         set_gradient_checkpointing(model, on)
         model(**batch()).loss.backward()
-        assert len(calls) == expected
+        assert [len(calls[0]), len(calls[1])] == expected, on
+    with pytest.raises(QLoraKitError, match="from 0 to 2"):
+        set_gradient_checkpointing(model, 3)
 
 
 def test_bf16_adapters_track_fp32_adapters(tiny_dir):

@@ -188,14 +188,17 @@ class PeakLiveTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind,checkpointing", [("nf4-dq", True), ("int8", True), ("unquantised", True),
-                                                ("nf4-dq", False)],
-                         ids=["nf4-dq-ckpt", "int8-ckpt", "unquantised-ckpt", "nf4-dq-no-ckpt"])
+                                                ("nf4-dq", False), ("nf4-dq", 1), ("nf4-dq", 2), ("int8", 3)],
+                         ids=["nf4-dq-ckpt", "int8-ckpt", "unquantised-ckpt", "nf4-dq-no-ckpt", "nf4-dq-ckpt-1of4",
+                              "nf4-dq-ckpt-2of4", "int8-ckpt-3of4"])
 def test_block_phase_matches_the_tensors_a_step_creates(tiny_dirs, kind, checkpointing, dtype):
     """A small-vocabulary model peaks in a decoder block's backward pass; the plan's activations
     are the tensors alive then, counted over a second step while the first step's loss is still
     referenced (as in the trainer). Within 4% (the plan takes the larger of two moments of the
-    block's backward and keeps everything the block saved alive through both)."""
-    folder = tiny_dirs("llama", hidden=256, intermediate=704, heads=4, kv_heads=2, layers=2)
+    block's backward and keeps everything the block saved alive through both). Some of four blocks
+    checkpointed (the first ones): measured within 1.5%, at whichever moment wins."""
+    folder = tiny_dirs("llama", hidden=256, intermediate=704, heads=4, kv_heads=2,
+                       layers=4 if type(checkpointing) is int else 2)
     quant = quant_config(kind, dtype)
     model, _ = load_model(folder, quant, dtype=dtype, load_tokenizer=False, progress=False)
     lora = LoraConfig(r=16, dropout=0.05)
@@ -219,8 +222,10 @@ def test_block_phase_matches_the_tensors_a_step_creates(tiny_dirs, kind, checkpo
         loss.backward()
     plan = plan_memory(model, quant, lora, batch=2, seq_len=128, gradient_checkpointing=checkpointing,
                        device="cpu", dtype=dtype)
-    assert "decoder block" in plan.notes[0] and plan.components["logits_loss"] == 0
-    assert plan.components["activations"] == pytest.approx(live.peak, rel=0.04)
+    if type(checkpointing) is bool:
+        assert "decoder block" in plan.notes[0] and plan.components["logits_loss"] == 0
+    # (with some blocks checkpointed and 16-bit compute the loss's moment wins: its logits count too)
+    assert plan.components["activations"] + plan.components["logits_loss"] == pytest.approx(live.peak, rel=0.04)
 
 
 def _hwm_resettable() -> bool:

@@ -368,3 +368,31 @@ def test_bf16_nan_loss_still_stops(tmp_path, tiny_dir, monkeypatch):
     raw["data"]["eval_fraction"] = 0.0
     with pytest.raises(QLoraKitError, match=r"loss became nan at step 3.*step-0000002"):
         train(raw, progress=False)
+
+
+def test_auto_checkpointing_takes_the_fewest_blocks_that_fit_the_budget(tmp_path, tiny_dir, monkeypatch, capsys):
+    """gradient_checkpointing: auto (the default) with a budget between the plans of one and of no
+    checkpointed block: the trainer checkpoints one block of two, says so in its plan line, and
+    trains; with room to spare it checkpoints none."""
+    import qlora_kit.trainer as trainer
+    from qlora_kit.plan import plan_memory
+    from qlora_kit.quant import QuantConfig
+
+    chosen = []
+    real = trainer.set_gradient_checkpointing
+    monkeypatch.setattr(trainer, "set_gradient_checkpointing", lambda model, on: (chosen.append(on), real(model, on)))
+    raw = make_config(tmp_path, tiny_dir, max_steps=2)
+    quant = QuantConfig(compute_dtype=torch.float32)
+    from qlora_kit.config import config_from_dict as parse
+    lora = parse(raw).lora.build(0)
+    plans = [plan_memory(tiny_dir, quant, lora, batch=4, seq_len=48, gradient_checkpointing=k, device="cpu").total
+             for k in range(3)]
+    assert plans[0] > plans[1] > plans[2]
+    raw["train"]["memory_budget"] = (plans[0] + plans[1]) // 2
+    result = train(config_from_dict(raw), progress=False)
+    out = capsys.readouterr().out
+    assert "ckpt 1/2" in out and "checkpointing 1 of 2 blocks, the fewest that fit" in out, out
+    assert chosen == [1] and result.history and all(math.isfinite(row["loss"]) for row in result.history if "loss" in row)
+    raw["train"]["memory_budget"] = "1TiB"
+    train(config_from_dict(raw), overwrite=True, progress=False)
+    assert "checkpointing 0 of 2 blocks" in capsys.readouterr().out and chosen == [1, 0]

@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-blocks", type=int, metavar="N", help="checkpoint only the first N decoder blocks")
+    p.add_argument("--budget", metavar="SIZE",
+                   help="checkpoint the fewest blocks whose plan fits SIZE (12GiB, 16GB), as train's "
+                        "gradient_checkpointing: auto does")
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS)
     p.add_argument("--adapter-dtype", default="auto",
                    help="dtype of the adapter matmuls (master weights are fp32); auto = the compute dtype")
@@ -42,6 +46,7 @@ def _targets(text: str) -> str | list[str]:
 
 
 def build_plan(args):
+    from ..fit import fewest_checkpointed_blocks, parse_budget
     from ..lora import LoraConfig
     from ..plan import plan_memory
     from ..quant import QuantConfig
@@ -49,9 +54,12 @@ def build_plan(args):
     quant = None if args.bits == 16 else QuantConfig(bits=args.bits, quant_type=args.quant_type,
                                                      double_quant=not args.no_double_quant)
     lora = LoraConfig(r=args.r, dropout=args.dropout, targets=_targets(args.targets), dtype=args.adapter_dtype)
-    return plan_memory(args.model, quant, lora, batch=args.batch, seq_len=args.seq_len,
-                       gradient_checkpointing=not args.no_gradient_checkpointing,
-                       optimizer=args.optimizer, device=args.device)
+    checkpointing = args.checkpoint_blocks if args.checkpoint_blocks is not None else not args.no_gradient_checkpointing
+    plan = plan_memory(args.model, quant, lora, batch=args.batch, seq_len=args.seq_len,
+                       gradient_checkpointing=checkpointing, optimizer=args.optimizer, device=args.device)
+    if args.budget is not None:
+        plan = fewest_checkpointed_blocks(plan, parse_budget(args.budget))
+    return plan
 
 
 def gpu_table(plan, gpu_gb: float | None = None) -> dict[str, int]:
@@ -65,6 +73,7 @@ def gpu_table(plan, gpu_gb: float | None = None) -> dict[str, int]:
 
 def run(args) -> int:
     from ..errors import QLoraKitError
+    from ..fit import parse_budget
     from ..plan import COMPONENTS
 
     if args.gpu_gb is not None and not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
@@ -91,6 +100,11 @@ def run(args) -> int:
     print(f"  {'total':<{width}}  {plan.total / GiB:8.2f} GiB")
     for note in plan.notes:
         print(f"  note: {note}")
+    if args.budget is not None:
+        k, layers = s["checkpointed_blocks"], s["layers"]
+        print(f"  budget {args.budget}: " + (f"checkpoint {k} of {layers} decoder blocks (the fewest that fit)"
+                                            if plan.total <= parse_budget(args.budget) else
+                                            "does not fit even with every block checkpointed"))
     print()
     for name, v in verdicts.items():
         fitting = [f"{b} x {seq}" for seq, b in v["max_batch"].items() if b]
