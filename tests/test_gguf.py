@@ -108,7 +108,7 @@ def test_bf16_and_q8_0_within_their_rounding(adapters, tmp_path, gguf_type):
 def test_llama_q_and_k_are_permuted_for_llama_cpp(adapters, tmp_path, monkeypatch):
     """Without the rotary reordering the file loads but computes another model: the check must see it."""
     base, adapter, _ = adapters("llama")
-    monkeypatch.setattr(gguf_export, "_reorder", lambda name, w, config, arch: w)
+    monkeypatch.setattr(gguf_export, "to_llama_cpp", lambda tensor, w, config: w)
     report = export_gguf(base, adapter, tmp_path / "m.gguf", **QUIET)
     assert report["verify"]["logit_rel_error"] > 50 * TOLERANCE["f16"]
 
@@ -192,8 +192,9 @@ def test_unsupported_architecture_names_the_supported_ones(adapters, tmp_path):
     other = tmp_path / "phi"
     shutil.copytree(base, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"model_type": "phi3"}))
-    with pytest.raises(QLoraKitError, match=r"cannot write 'phi3' models to GGUF: .*supports llama, mistral, qwen2"):
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "falcon_h1"}))
+    with pytest.raises(QLoraKitError, match=r"cannot write 'falcon_h1' models to GGUF: .*supports llama, mistral, "
+                                            r"mixtral, .*olmo2; export to safetensors"):
         export_gguf(other, adapter, tmp_path / "m.gguf", **QUIET)
 
 

@@ -48,7 +48,7 @@ def format_gguf_report(report: dict) -> str:
         f"scale={report['lora']['scale']:.4g}), merged into the {report['merge_into']} base",
         f"written:    {report['out']}: {report['tensors']} tensors, {human_bytes(report['out_bytes'])} "
         f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {human_bytes(report['base_bytes'])})",
-        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre']}, "
+        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre'] or 'sentencepiece'}, "
         f"{report['tokenizer']['tokens']} tokens",
     ]
     if report["f16_fallbacks"]:
@@ -57,6 +57,8 @@ def format_gguf_report(report: dict) -> str:
     v = report["verify"]
     if v is None:
         lines.append("verify:     skipped")
+    elif "skipped" in v:
+        lines.append(f"verify:     not verified by transformers: {v['skipped']}")
     else:
         lines.append(f"verify:     transformers reads it back; logits vs {v['reference']} on a {v['batch']} batch: "
                      f"relative error {v['logit_rel_error']:.3e}; tokenizer ids identical on "
