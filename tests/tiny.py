@@ -42,10 +42,26 @@ ARCHS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),  # biases on q/k/v
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
-    "gemma": dict(model_type="gemma", head_dim=16),  # (1 + w) norms, scaled embeddings, tied head
-    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+    "gemma": dict(model_type="gemma", head_dim=16, tie_word_embeddings=True),  # (1 + w) norms, scaled embeddings
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                   tie_word_embeddings=True),
     "granite": dict(model_type="granite", logits_scaling=4.0, embedding_multiplier=2.0,
                     residual_multiplier=0.5, attention_multiplier=0.25),
+    "qwen3": dict(model_type="qwen3", head_dim=16),  # q_norm / k_norm per head
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                        tie_word_embeddings=True),
+    "phi3": dict(model_type="phi3"),  # fused qkv_proj and gate_up_proj
+    "olmo2": dict(model_type="olmo2"),  # norms after attention and MLP, q/k norms over all heads
+    # Llama 3.1's rope scaling, with a short original context so all three frequency bands occur
+    "llama3-rope": dict(model_type="llama", rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+    # mixture of experts: checkpoints keep one tensor per expert
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      head_dim=16),
 }
 
 

@@ -193,6 +193,10 @@ def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: 
         group = groups.setdefault(name, [shape, [], 0])
         group[1].append(key)
         group[2] = position
+    if "lm_head.weight" in unknown and gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[gguf_arch(config)]:
+        raise QLoraKitError(f"llama.cpp's {config['model_type']} always ties the output layer to the embeddings, but "
+                            "this model has its own lm_head.weight (tie_word_embeddings is false); export to "
+                            "safetensors (--format safetensors) instead")
     if unknown:
         raise QLoraKitError(f"the base holds tensors llama.cpp's {config['model_type']} has no name for: "
                             f"{first_few(unknown)}; export to safetensors and convert with llama.cpp's "
