@@ -164,6 +164,12 @@ def _sentencepiece(base: Path, vocab_size: int) -> Vocab:
     tokens = [p.decode("utf-8") for p, _, _ in pieces] + [f"[PAD{i}]" for i in range(len(pieces), vocab_size)]
     scores = [float(s) for _, s, _ in pieces] + [-1000.0] * (vocab_size - len(pieces))
     types = [int(t) for _, _, t in pieces] + [int(gguf.TokenType.UNUSED)] * (vocab_size - len(pieces))
+    # tokens the tokenizer files declare as added (Gemma's <start_of_turn>, ...): tokenizer.model marks
+    # them only as user-defined pieces, which SentencePieceVocab reads as normal ones; llama.cpp must
+    # match them whole in a rendered chat template, which it does for control and user-defined tokens
+    for added in _added_tokens(base):
+        if added["id"] < len(pieces) and types[added["id"]] == int(gguf.TokenType.NORMAL):
+            types[added["id"]] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
     special = gguf.SpecialVocab(base, load_merges=False, n_vocab=vocab_size)
     ids = {kind: special.special_token_ids.get(kind) for kind in ("bos", "eos", "unk", "pad")}
     if ids["unk"] is None:
@@ -174,3 +180,9 @@ def _sentencepiece(base: Path, vocab_size: int) -> Vocab:
     return Vocab(model="llama", pre=None, tokens=tokens, types=types, scores=scores, ids=ids,
                  add_bos=special.add_special_token.get("bos", True), add_eos=special.add_special_token.get("eos", False),
                  add_space_prefix=bool(first) and first[0].startswith("\u2581"), chat_template=template)
+
+
+def _added_tokens(base: Path) -> list[dict]:
+    """tokenizer.json's added tokens ({"id", "content", "special"}), or none without that file."""
+    path = base / "tokenizer.json"
+    return json.loads(path.read_text()).get("added_tokens", []) if path.is_file() else []
