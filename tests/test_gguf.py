@@ -4,6 +4,7 @@ import json
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -231,3 +232,41 @@ def test_smollm2_gguf_reads_back_with_matching_logits(smollm2_dir, tmp_path):
         assert ours(text)["input_ids"] == theirs(text)["input_ids"]
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_smollm2_gguf_answers_chat_in_llama_cpp(smollm2_dir, tmp_path, gguf_type):
+    """The real model in the real client: the chat template, EOS/EOT and the merged weights together
+    give the same greedy answer in llama.cpp as the merged model gives in transformers."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from test_gguf_archs import merged_logits, peft_adapter
+
+    # a small trained-looking delta: the answer must survive it, and the merge must be in the file
+    adapter = peft_adapter(smollm2_dir, tmp_path / "a", modules=("q_proj", "v_proj"), r=8, b_std=2e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_merged(smollm2_dir, adapter, tmp_path / "merged", dtype="fp32", verify=False, **QUIET)
+        report = export_gguf(smollm2_dir, adapter, tmp_path / f"smollm2-{gguf_type}.gguf", gguf_type=gguf_type,
+                             verify=False, **QUIET)
+    assert report["tokenizer"]["pre"] == "smollm"
+    llm = llama_cpp.Llama(model_path=report["out"], n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    answer = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                        max_tokens=24, temperature=0.0)["choices"][0]
+    assert "Paris" in answer["message"]["content"] and answer["finish_reason"] == "stop"
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a colour of the sky."}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    llm.reset()
+    llm.eval(ids)
+    ours = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    reference = merged_logits(tmp_path / "merged", ids)
+    error = rel(ours, reference)
+    print(f"SmolLM2 {gguf_type}: llama.cpp vs merged model, relative logit error {error:.2e}")
+    assert error < (3e-2 if gguf_type == "f16" else 6e-2)
+    assert int(ours[-1].argmax()) == int(reference[-1].argmax())

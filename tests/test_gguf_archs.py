@@ -29,7 +29,7 @@ LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "llama-tied": "llama", "
 LLAMA_CPP_TOLERANCE = 3e-2
 
 
-def peft_adapter(base, out, modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=4, seed=1):
+def peft_adapter(base, out, modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=4, seed=1, b_std=0.05):
     """A trained-looking LoRA adapter (non-zero B) on the named projections, written directly in PEFT's
     layout and recorded as trained on the unquantised base: for models the 4-bit loader cannot take yet."""
     from safetensors import safe_open
@@ -42,7 +42,7 @@ def peft_adapter(base, out, modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=
             if key.endswith(".weight") and module.rsplit(".", 1)[-1] in modules:
                 rows, cols = f.get_slice(key).get_shape()
                 tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, cols, generator=g) * 0.1
-                tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, r, generator=g) * 0.05
+                tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, r, generator=g) * b_std
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({

@@ -61,7 +61,7 @@ ARCHS = {
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      head_dim=16),
+                      head_dim=16, norm_topk_prob=True),  # as Qwen3-30B-A3B
 }
 
 

@@ -116,6 +116,13 @@ def read_config(base: Path) -> dict:
     config["rope"] = rope | {"rope_type": rope_type,
                              "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0))}
     config["rope_swa"] = swa
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and model_type in ("gemma2", "gemma3_text") and \
+            scalar not in (config["head_dim"], config["hidden_size"] // config["num_attention_heads"]):
+        # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B models); no key changes it
+        raise QLoraKitError(f"{base}: query_pre_attn_scalar {scalar} is neither head_dim ({config['head_dim']}) nor "
+                            "hidden_size / num_attention_heads, the attention scales llama.cpp's Gemma computes; "
+                            "export to safetensors (--format safetensors) instead")
     return config
 
 
