@@ -66,8 +66,11 @@ def exported(tiny_dirs, tmp_path_factory):
             else:
                 trained_adapter(base, adapter)
             export_merged(base, adapter, root / f"{arch}-merged", dtype="fp32", verify=False, **QUIET)
-            report = export_gguf(base, adapter, root / f"{arch}-ft.gguf", **QUIET)
-            made[arch] = base, root / f"{arch}-merged", root / f"{arch}-ft.gguf", report
+            # a neutral file name: llama.cpp and transformers special-case some names ("phi3", "mistral")
+            out = root / arch / "exported.gguf"
+            out.parent.mkdir()
+            report = export_gguf(base, adapter, out, **QUIET)
+            made[arch] = base, root / f"{arch}-merged", out, report
         return made[arch]
 
     return get
@@ -259,3 +262,24 @@ def test_unsupported_rope_scaling_is_a_clear_error(tiny_dirs, tmp_path):
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(QLoraKitError, match="rope scaling 'yarn' is not written by the GGUF export"):
         export_gguf(base, peft_adapter(base, tmp_path / "a"), tmp_path / "m.gguf", **QUIET)
+
+
+@pytest.mark.parametrize("arch,breakage", [("llama", "layout"), ("gemma2", "layout"), ("llama3-rope", "rope_freqs")])
+def test_llama_cpp_check_sees_a_wrong_layout(exported, tmp_path, monkeypatch, arch, breakage):
+    """The comparison in llama.cpp is sharp enough to catch each transform left out: rope pairs (llama),
+    1 + w norms (gemma2), Llama 3's frequency divisors."""
+    pytest.importorskip("llama_cpp")
+    import qlora_kit.export.gguf as gguf_export
+
+    base, merged, _, _ = exported(arch)
+    if breakage == "layout":
+        monkeypatch.setattr(gguf_export, "to_llama_cpp", lambda tensor, w, config: w)
+    else:
+        monkeypatch.setattr(gguf_export, "computed_tensor", lambda tensor, config: torch.ones(tensor.shape))
+    out = tmp_path / "broken.gguf"
+    export_gguf(base, merged.parent / f"{arch}-adapter", out, verify=False, **QUIET)  # the fixture's adapter
+    ids = torch.randint(4, 320, (16,), generator=torch.Generator().manual_seed(7)).tolist()
+    ours, reference = llama_cpp_logits(out, ids), merged_logits(merged, ids)
+    error = float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+    print(f"{arch} without its {breakage}: relative logit error {error:.2e}")
+    assert error > 3 * LLAMA_CPP_TOLERANCE

@@ -34,7 +34,8 @@ def spm_exports(tiny_dirs, tmp_path_factory):
     def get(arch, kind):
         if (arch, kind) not in made:
             base = with_tokenizer(tiny_dirs, root, arch, kind)
-            out = root / f"{arch}-{kind}-ft.gguf"
+            out = root / f"{arch}-{kind}-out" / "exported.gguf"
+            out.parent.mkdir()
             report = export_gguf(base, peft_adapter(base, root / f"{arch}-{kind}-adapter"), out, verify=False, **QUIET)
             made[arch, kind] = base, out, report
         return made[arch, kind]
