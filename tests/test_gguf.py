@@ -251,10 +251,13 @@ def test_smollm2_gguf_answers_chat_in_llama_cpp(smollm2_dir, tmp_path, gguf_type
         export_merged(smollm2_dir, adapter, tmp_path / "merged", dtype="fp32", verify=False, **QUIET)
         report = export_gguf(smollm2_dir, adapter, tmp_path / f"smollm2-{gguf_type}.gguf", gguf_type=gguf_type,
                              verify=False, **QUIET)
-    assert report["tokenizer"]["pre"] == "smollm"
+    # the cached folder's tokenizer (transformers' conversion of the packaged GGUF) is a plain GPT-2
+    # ByteLevel split, digits in runs: llama.cpp must split as that tokenizer does, not as upstream SmolLM2's
+    assert report["tokenizer"]["pre"] == "gpt-2"
     llm = llama_cpp.Llama(model_path=report["out"], n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     answer = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=24, temperature=0.0)["choices"][0]
+    print(f"SmolLM2 {gguf_type} in llama.cpp: {answer['message']['content']!r}")
     assert "Paris" in answer["message"]["content"] and answer["finish_reason"] == "stop"
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
@@ -262,11 +265,14 @@ def test_smollm2_gguf_answers_chat_in_llama_cpp(smollm2_dir, tmp_path, gguf_type
                                      add_generation_prompt=True)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    for text in TEXTS + ["In 1984, 12345 apples cost $6.78."]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"]
     llm.reset()
     llm.eval(ids)
     ours = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     reference = merged_logits(tmp_path / "merged", ids)
     error = rel(ours, reference)
     print(f"SmolLM2 {gguf_type}: llama.cpp vs merged model, relative logit error {error:.2e}")
-    assert error < (3e-2 if gguf_type == "f16" else 6e-2)
+    # measured 1.6e-3 (f16) and 5.7e-2 (q8_0: llama.cpp also rounds the activations to 8 bits in its q8_0 matmuls)
+    assert error < (3e-2 if gguf_type == "f16" else 1e-1)
     assert int(ours[-1].argmax()) == int(reference[-1].argmax())
