@@ -84,6 +84,25 @@ def test_llama_cpp_tokenizes_as_sentencepiece(spm_exports, arch, kind):
         assert model.tokenize(b"<end_of_turn>", add_bos=False, special=True) == [sp.PieceToId("<end_of_turn>")]
 
 
+def test_qwen2_with_a_sentencepiece_tokenizer(tiny_dirs, tmp_path):
+    """Once a KeyError: the vocabulary kind does not depend on the architecture. transformers rebuilds a
+    Qwen2 GGUF's vocabulary as BPE, so verify checks the logits and leaves the tokenizer to llama.cpp."""
+    from qlora_kit.export import format_gguf_report
+
+    base = with_tokenizer(tiny_dirs, tmp_path, "qwen2", "llama")
+    (tmp_path / "out").mkdir()
+    report = export_gguf(base, peft_adapter(base, tmp_path / "a"), tmp_path / "out" / "m.gguf", **QUIET)
+    assert report["tokenizer"]["model"] == "llama" and report["verify"]["logit_rel_error"] < 2e-3
+    assert "SentencePiece vocabulary copied from tokenizer.model" in format_gguf_report(report)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    model = llama_cpp.Llama(model_path=report["out"], vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert model.tokenize(text.encode(), add_bos=True) == [1] + sp.encode(text)
+
+
 def test_byte_level_bpe_names_its_pre_tokenizer_for_llama_cpp(tiny_dirs, tmp_path):
     """Our tiny tokenizer splits as GPT-2 does; llama.cpp knows that split as "gpt-2"."""
     base = tiny_dirs("qwen2")

@@ -110,10 +110,12 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
                   "tokenizer": {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)},
                   "verify": None}
         if verify:
-            report["verify"] = (verify_gguf(tmp, job) if _transformers_reads(config) else
-                                {"skipped": f"transformers cannot read llama.cpp's {arch!r} GGUF files "
-                                            f"({config['model_type']}{_why_unread(config)}); the file was not "
-                                            "verified by transformers: check it in llama.cpp"})
+            if _transformers_reads(config):
+                report["verify"] = verify_gguf(tmp, job, byte_level=vocab.model == "gpt2")
+            else:
+                report["verify"] = {"skipped": f"transformers cannot read llama.cpp's {arch!r} GGUF files "
+                                               f"({config['model_type']}{_why_unread(config)}); the file was not "
+                                               "verified by transformers: check it in llama.cpp"}
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report

@@ -60,9 +60,10 @@ def format_gguf_report(report: dict) -> str:
     elif "skipped" in v:
         lines.append(f"verify:     not verified by transformers: {v['skipped']}")
     else:
+        tokens = (f"tokenizer ids identical on {v['tokenizer_strings']} strings" if v["tokenizer_strings"] else
+                  "SentencePiece vocabulary copied from tokenizer.model, not re-tokenized")
         lines.append(f"verify:     transformers reads it back; logits vs {v['reference']} on a {v['batch']} batch: "
-                     f"relative error {v['logit_rel_error']:.3e}; tokenizer ids identical on "
-                     f"{v['tokenizer_strings']} strings")
+                     f"relative error {v['logit_rel_error']:.3e}; {tokens}")
     t = report.get("times_s", {})
     lines.append(f"time:       write {t.get('write', 0):.1f} s, verify {t.get('verify', 0):.1f} s")
     return "\n".join(lines) + "\n"
