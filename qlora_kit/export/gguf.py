@@ -28,7 +28,7 @@ from ..errors import QLoraKitError, closest
 from ..io import atomic_file, disk_full_as_error
 from ..models import resolve_model_path
 from ..quant import QuantConfig
-from .gguf_arch import Tensor, computed_tensor, gguf_arch, read_config, tensor_layout, to_llama_cpp, write_hparams
+from .gguf_arch import GGUFTensor, computed_tensor, gguf_arch, read_config, tensor_layout, to_llama_cpp, write_hparams
 from .gguf_vocab import read_vocab, write_vocab
 from .job import prepare_merge, progress_bar
 from .merge import MERGE_BASES
@@ -130,7 +130,7 @@ def _why_unread(config: dict) -> str:
     return ", Llama 3 rope scaling" if config["rope"]["rope_type"] == "llama3" else ""
 
 
-def _file_tensors(layout: list[Tensor], job, config: dict):
+def _file_tensors(layout: list[GGUFTensor], job, config: dict):
     """(tensor, merged fp32 data) in the layout's order: computed tensors first, then the merged base
     tensors as they stream by; a stacked expert tensor is held until its last expert arrives."""
     by_key = {key: t for t in layout for key in t.sources}

@@ -67,7 +67,7 @@ _ROPE_TYPES = {"default", "linear", "llama3"}
 
 
 @dataclass(frozen=True)
-class Tensor:
+class GGUFTensor:
     """One tensor of the GGUF file: its name, numpy-order shape, GGML type, and the base keys it is
     made of (one, or every expert's for a stacked tensor; none for a tensor computed from the config)."""
 
@@ -179,7 +179,7 @@ def write_hparams(writer, config: dict) -> None:
 
 # ---------------------------------------------------------------- tensors
 
-def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: dict, gguf_type: str) -> list[Tensor]:
+def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: dict, gguf_type: str) -> list[GGUFTensor]:
     """The file's tensors in the order they are written: computed ones first, then each as soon as
     the last of its base tensors has streamed by (a stacked expert tensor after its last expert).
     A tied lm_head and rotary buffers are left out; a tensor llama.cpp has no name for is an error."""
@@ -208,7 +208,7 @@ def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: 
         raise QLoraKitError(f"the base holds tensors llama.cpp's {config['model_type']} has no name for: "
                             f"{first_few(unknown)}; export to safetensors and convert with llama.cpp's "
                             "convert_hf_to_gguf.py")
-    tensors = [Tensor(_rope_freqs_name(), (config["head_dim"] // 2,), Q.F32, ())] if _has_rope_freqs(config) else []
+    tensors = [GGUFTensor(_rope_freqs_name(), (config["head_dim"] // 2,), Q.F32, ())] if _has_rope_freqs(config) else []
     for name, (shape, sources, _) in sorted(groups.items(), key=lambda item: item[1][2]):
         if _EXPERT.search(sources[0]):
             sources = sorted(sources, key=lambda k: int(_EXPERT.search(k).group(1)))
@@ -219,7 +219,7 @@ def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: 
         qtype = Q.F32 if len(shape) == 1 or ".ffn_gate_inp" in name else wanted
         if qtype == Q.Q8_0 and shape[-1] % Q8_BLOCK:
             qtype = Q.F16  # llama.cpp's converter does the same for rows that do not fill whole blocks
-        tensors.append(Tensor(name, tuple(shape), qtype, tuple(sources)))
+        tensors.append(GGUFTensor(name, tuple(shape), qtype, tuple(sources)))
     return tensors
 
 
@@ -233,7 +233,7 @@ def _has_rope_freqs(config: dict) -> bool:
     return config["rope"]["rope_type"] == "llama3"
 
 
-def computed_tensor(tensor: Tensor, config: dict) -> torch.Tensor:
+def computed_tensor(tensor: GGUFTensor, config: dict) -> torch.Tensor:
     """A tensor made from the config, not the checkpoint: Llama 3's rope_freqs.
 
     Llama 3 divides each rotary frequency by a factor that depends on its wavelength: 1 for short
@@ -251,7 +251,7 @@ def computed_tensor(tensor: Tensor, config: dict) -> torch.Tensor:
     return divisor.float()
 
 
-def to_llama_cpp(tensor: Tensor, w: torch.Tensor, config: dict) -> torch.Tensor:
+def to_llama_cpp(tensor: GGUFTensor, w: torch.Tensor, config: dict) -> torch.Tensor:
     """One merged tensor (experts already stacked) in llama.cpp's layout (module docstring)."""
     arch, name = config["arch"], tensor.name
     if arch.rope_pairs and (".attn_q." in name or ".attn_k." in name):
