@@ -282,3 +282,25 @@ def test_models_llama_cpp_cannot_take_are_clear_errors(tiny_dirs, tmp_path, arch
     with pytest.raises(QLoraKitError, match=message):
         export_gguf(base, peft_adapter(base, tmp_path / "a"), tmp_path / "m.gguf", **QUIET)
     assert not (tmp_path / "m.gguf").exists()
+
+
+# bf16 keeps 8 significant bits, q8_0 rounds each weight to 1/127 of its block's largest and llama.cpp's
+# q8_0 matmuls round the activations to 8 bits too
+QUANTISED_TOLERANCE = {"bf16": 2e-2, "q8_0": 1e-1}
+
+
+@pytest.mark.parametrize("gguf_type", ["bf16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+def test_bf16_and_q8_0_run_in_llama_cpp(exported, tmp_path, arch, gguf_type):
+    """The smaller types, stacked experts included (3-D q8_0 blocks), load and compute in llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    base, merged, _, _ = exported(arch)
+    out = tmp_path / "exported.gguf"
+    report = export_gguf(base, merged.parent / f"{arch}-adapter", out, gguf_type=gguf_type, verify=False, **QUIET)
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == (Q.BF16 if gguf_type == "bf16" else Q.Q8_0)
+    ids = torch.randint(4, 320, (16,), generator=torch.Generator().manual_seed(7)).tolist()
+    ours, reference = llama_cpp_logits(out, ids), merged_logits(merged, ids)
+    error = float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+    print(f"{arch} {gguf_type}: llama.cpp vs merged model, relative logit error {error:.2e}")
+    assert error < QUANTISED_TOLERANCE[gguf_type] and report["gguf_type"] == gguf_type

@@ -28,7 +28,8 @@ from ..errors import QLoraKitError, closest
 from ..io import atomic_file, disk_full_as_error
 from ..models import resolve_model_path
 from ..quant import QuantConfig
-from .gguf_arch import GGUFTensor, computed_tensor, gguf_arch, read_config, tensor_layout, to_llama_cpp, write_hparams
+from .gguf_arch import (GGUFTensor, computed_tensor, gguf_arch, read_config, tensor_layout, to_llama_cpp,
+                        transformers_cannot_read, write_hparams)
 from .gguf_vocab import read_vocab, write_vocab
 from .job import prepare_merge, progress_bar
 from .merge import MERGE_BASES
@@ -110,24 +111,13 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
                   "tokenizer": {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)},
                   "verify": None}
         if verify:
-            if _transformers_reads(config):
-                report["verify"] = verify_gguf(tmp, job, byte_level=vocab.model == "gpt2")
-            else:
-                report["verify"] = {"skipped": f"transformers cannot read llama.cpp's {arch!r} GGUF files "
-                                               f"({config['model_type']}{_why_unread(config)}); the file was not "
-                                               "verified by transformers: check it in llama.cpp"}
+            unread = transformers_cannot_read(config)
+            report["verify"] = ({"skipped": f"{unread}; the file was not verified by transformers: check it in "
+                                            "llama.cpp"} if unread else
+                                verify_gguf(tmp, job, byte_level=vocab.model == "gpt2"))
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report
-
-
-def _transformers_reads(config: dict) -> bool:
-    # transformers' GGUF reader ignores rope_freqs, so it would compute a Llama 3 with plain rope
-    return config["arch"].transformers_reads and config["rope"]["rope_type"] != "llama3"
-
-
-def _why_unread(config: dict) -> str:
-    return ", Llama 3 rope scaling" if config["rope"]["rope_type"] == "llama3" else ""
 
 
 def _file_tensors(layout: list[GGUFTensor], job, config: dict):

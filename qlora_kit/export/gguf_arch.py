@@ -126,6 +126,16 @@ def read_config(base: Path) -> dict:
     return config
 
 
+def transformers_cannot_read(config: dict) -> str | None:
+    """Why transformers' GGUF reader cannot rebuild this model, or None when it can (then the export
+    is verified against it; otherwise only llama.cpp can check the file)."""
+    if not config["arch"].transformers_reads:
+        return f"transformers' GGUF reader cannot rebuild a {config['model_type']} model"
+    if config["rope"]["rope_type"] == "llama3":
+        return "transformers' GGUF reader ignores rope_freqs, so it would compute Llama 3 with plain rope"
+    return None
+
+
 def gguf_arch(config: dict):
     """The `gguf.MODEL_ARCH` member for this config."""
     import gguf
