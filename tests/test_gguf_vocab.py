@@ -112,6 +112,37 @@ def test_byte_level_bpe_names_its_pre_tokenizer_for_llama_cpp(tiny_dirs, tmp_pat
     assert len(meta["tokenizer.ggml.merges"]) > 0 and meta["tokenizer.ggml.eot_token_id"] == 2
 
 
+@pytest.mark.parametrize("split", ["llama-bpe", "qwen2", "smollm"])
+def test_byte_level_splits_llama_cpp_knows_by_name(tiny_dirs, tmp_path, split):
+    """Llama 3's and Qwen2's regex splits and SmolLM's digit split, recognised from tokenizer.json's
+    structure whatever the vocabulary, and llama.cpp then tokenizes as transformers does."""
+    from transformers import AutoTokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dirs("llama"), base)
+    spec = json.loads((base / "tokenizer.json").read_text())
+    if split == "smollm":
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    else:
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS[split]}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (base / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "out" / "exported.gguf"
+    out.parent.mkdir()
+    report = export_gguf(base, peft_adapter(base, tmp_path / "a"), out, verify=False, **QUIET)
+    assert report["tokenizer"]["pre"] == split == fields(out)["tokenizer.ggml.pre"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in TEXTS + ["In 1984, 12345 apples cost $6.78.", "it's   what's\n\n  done"]:
+        assert model.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], text
+
+
 @pytest.mark.parametrize("damage,message", [
     ("no tokenizer", "has neither tokenizer.json nor tokenizer.model"),
     ("sentencepiece json only", "no tokenizer.model; copy the original model's tokenizer.model"),
