@@ -198,7 +198,7 @@ def tensor_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], config: 
 
     names = gguf.get_tensor_name_map(gguf_arch(config), config["num_hidden_layers"])
     wanted = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
-    groups: dict[str, list] = {}  # GGUF name -> [shape of one source, dtype, sources, position of the last]
+    groups: dict[str, list] = {}  # GGUF name -> [shape of one source, its sources, position of the last]
     unknown = []
     for position, (key, shape, dtype) in enumerate(plan):
         if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.get("tie_word_embeddings")):
