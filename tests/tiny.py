@@ -42,10 +42,26 @@ ARCHS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),  # biases on q/k/v
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
-    "gemma": dict(model_type="gemma", head_dim=16),  # (1 + w) norms, scaled embeddings, tied head
-    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+    "gemma": dict(model_type="gemma", head_dim=16, tie_word_embeddings=True),  # (1 + w) norms, scaled embeddings
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                   tie_word_embeddings=True),
     "granite": dict(model_type="granite", logits_scaling=4.0, embedding_multiplier=2.0,
                     residual_multiplier=0.5, attention_multiplier=0.25),
+    "qwen3": dict(model_type="qwen3", head_dim=16),  # q_norm / k_norm per head
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                        tie_word_embeddings=True),
+    "phi3": dict(model_type="phi3"),  # fused qkv_proj and gate_up_proj
+    "olmo2": dict(model_type="olmo2"),  # norms after attention and MLP, q/k norms over all heads
+    # Llama 3.1's rope scaling, with a short original context so all three frequency bands occur
+    "llama3-rope": dict(model_type="llama", rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+    # mixture of experts: checkpoints keep one tensor per expert
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      head_dim=16, norm_topk_prob=True),  # as Qwen3-30B-A3B
 }
 
 
@@ -75,4 +91,43 @@ def make_model_dir(out: Path, arch: str = "llama", seed: int = 0, dtype=torch.bf
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     make_tokenizer(config.vocab_size).save_pretrained(out)
+    return out
+
+
+def make_sentencepiece_tokenizer(out: Path, kind: str = "llama", vocab_size: int = 320) -> Path:
+    """A SentencePiece BPE tokenizer trained on the tiny corpus, saved as tokenizer.model beside the
+    transformers tokenizer that wraps it (LlamaTokenizer, or GemmaTokenizer with Gemma's turn tokens
+    and no dummy prefix), as Llama 2 / Mistral / Gemma folders carry both. Ids: <unk> 0, <s> 1, </s> 2,
+    <pad> 3, as the tiny configs say."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    gemma = kind == "gemma"
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama 2's and Gemma's
+        add_dummy_prefix=not gemma, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"] if gemma else [],
+        minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())}
+    # BPE merges in SentencePiece's order: the merged piece's score, highest first
+    pieces = [(p, i) for p, i in vocab.items() if not (sp.IsUnknown(i) or sp.IsControl(i) or sp.IsByte(i))]
+    merges = sorted(((sp.GetScore(i), vocab[p[:k]], vocab[p[k:]], (p[:k], p[k:])) for p, i in pieces
+                     for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab),
+                    key=lambda m: (-m[0], m[1], m[2]))
+    cls = GemmaTokenizer if gemma else LlamaTokenizer
+    template = (("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}") if gemma else
+                "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    tok = cls(vocab=vocab, merges=[m[3] for m in merges], unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+              pad_token="<pad>", add_bos_token=True, chat_template=template)
+    if gemma:  # the turn markers are added (special) tokens in Gemma's tokenizer files
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.save_pretrained(out)
     return out

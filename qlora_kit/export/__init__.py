@@ -5,6 +5,8 @@
     shards.py  safetensors: headers, shard plan, the streaming shard writer, side files
     folder.py  export_merged: a Hugging Face folder of safetensors shards
     gguf.py    export_gguf: one GGUF file for llama.cpp, Ollama and LM Studio
+    gguf_arch.py   each architecture as llama.cpp sees it: hyperparameters, tensor names and layout
+    gguf_vocab.py  the tokenizer as llama.cpp's vocabulary (byte-level BPE or SentencePiece)
     target.py  where an export may be written, and whether it fits
     verify.py  reading an export back against the adapter on its quantised base
     report.py  the reports as text

@@ -1,21 +1,18 @@
 """Merged export to one GGUF file, the format llama.cpp, Ollama and LM Studio read.
 
-    headers of the base + adapter  ->  tensor infos (GGUF names, shapes, types) and metadata
+    config.json, tokenizer, base headers  ->  metadata, tensor infos (llama.cpp's names, shapes, types)
     for each base tensor, in file order (the same merge as the safetensors export):
         W = merge base + scale * B @ A   (fp32)
-        rename it (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
-        permute Llama's q/k rows, store as f16 / bf16 / q8_0, append to the file
+        in llama.cpp's layout (gguf_arch: rope pairs, Gemma norms, experts stacked per layer),
+        stored as f16 / bf16 / q8_0 and appended to the file
 
 Why streaming works with the `gguf` package's GGUFWriter: `add_tensor` keeps every array until the
 file is written, but the writer also takes tensor infos alone (`add_tensor_info`) and then the data
 one tensor at a time (`write_tensor_data`), in the order the infos were given. Every shape and type
-is known from the safetensors headers, so memory holds one tensor, never the model.
+is known from the safetensors headers, so memory holds one tensor (for an MoE, one layer's experts
+while they are stacked), never the model.
 
-Why q and k are permuted for Llama and Mistral: llama.cpp rotates adjacent pairs of dimensions
-(x0, x1), (x2, x3)... while Hugging Face rotates the two halves of each head (x_i, x_{i+d/2}).
-Reordering each head's rows from [first half; second half] to interleaved pairs gives the same
-attention; transformers undoes it when it reads a GGUF. Qwen2 in llama.cpp uses the halves layout
-(NeoX rope), so its weights go in as they are.
+Architectures: gguf_arch.py; tokenizers: gguf_vocab.py.
 """
 
 from __future__ import annotations
@@ -27,26 +24,19 @@ from pathlib import Path
 
 import torch
 
-from ..errors import QLoraKitError, closest, first_few
+from ..errors import QLoraKitError, closest
 from ..io import atomic_file, disk_full_as_error
 from ..models import resolve_model_path
 from ..quant import QuantConfig
+from .gguf_arch import (GGUFTensor, computed_tensor, gguf_arch, read_config, tensor_layout, to_llama_cpp,
+                        transformers_cannot_read, write_hparams)
+from .gguf_vocab import read_vocab, write_vocab
 from .job import prepare_merge, progress_bar
 from .merge import MERGE_BASES
-from .shards import Entry
 from .target import DISK_ADVICE, DISK_MARGIN, check_disk, check_export_target
 from .verify import verify_gguf
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
-# Hugging Face model_type -> llama.cpp architecture. Mistral is a Llama to llama.cpp.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
-_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                "mlp.down_proj": "ffn_down"}
-Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 int8 weights and one fp16 scale per block
 
 
 def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str = "f16",
@@ -56,13 +46,15 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     """Merge `adapter` into the base model folder `base` and write one GGUF file at `out`.
 
     gguf_type: f16 (llama.cpp's default), bf16, or q8_0 (8-bit blocks of 32, half the size of f16);
-        norms and biases stay f32, and a q8_0 matrix whose rows are not a multiple of 32 is written f16.
+        norms, biases and MoE routers stay f32, and a q8_0 matrix whose rows are not a multiple of 32
+        is written f16.
     merge_into, quant, compute_dtype: as for `export_merged`.
     verify: load the file with transformers (`gguf_file=`), compare its logits with the adapter on
         the quantised base (fp32), and check its tokenizer encodes a few strings to the same ids as
-        the base folder's.
-    Supports Llama, Mistral and Qwen2 models (tied embeddings included) with a byte-level BPE
-    tokenizer (tokenizer.json). Writes atomically and returns a report (also `format_gguf_report`).
+        the base folder's; for architectures transformers cannot read from GGUF the report says so.
+    Architectures: see gguf_arch.ARCHITECTURES (Llama, Mistral, Mixtral, Qwen2/3 and their MoEs, Gemma
+    1-3, Phi-3, OLMo 2, Granite); tokenizers: byte-level BPE (tokenizer.json) or SentencePiece
+    (tokenizer.model). Writes atomically and returns a report (also `format_gguf_report`).
     """
     import gguf
     import numpy as np
@@ -78,12 +70,12 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
         raise QLoraKitError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
     check_export_target(out, base, adapter, overwrite, ours=is_gguf_export,
                         what="a GGUF file qlora_kit wrote (it carries a qlora_kit.export key)")
-    config = _read_config(resolve_model_path(base))
+    config = read_config(resolve_model_path(base))
+    vocab = read_vocab(resolve_model_path(base), config["vocab_size"])
     job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
-    arch = ARCHITECTURES[config["model_type"]]
-    tokenizer = _tokenizer_metadata(job.base, config["vocab_size"])
-    layout = _layout(job.plan, config, gguf_type)
-    out_bytes = sum(nbytes for _, (_, _, nbytes) in layout.values())
+    arch = gguf.MODEL_ARCH_NAMES[gguf_arch(config)]
+    layout = tensor_layout(job.plan, config, gguf_type)
+    out_bytes = sum(t.nbytes for t in layout)
     check_disk(out, out_bytes)
 
     writer_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -92,36 +84,62 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     with disk_full_as_error(out.parent, out_bytes + DISK_MARGIN, "the GGUF export", DISK_ADVICE), \
             atomic_file(out) as tmp:
         with _closing(gguf.GGUFWriter(tmp, arch)) as writer:
-            _write_metadata(writer, config, arch, out.stem, int(writer_types[gguf_type]), tokenizer)
+            writer.add_name(out.stem)
+            writer.add_type("model")
+            writer.add_file_type(int(writer_types[gguf_type]))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_hparams(writer, config)
+            write_vocab(writer, vocab)
             writer.add_string(MARKER_KEY, marker)
-            for name, (shape, qtype, nbytes) in layout.values():
+            for t in layout:
                 # the type is given raw; the numpy dtype only has to not be uint8 (which means "shape in bytes")
-                writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+                writer.add_tensor_info(t.name, t.shape, np.float32, t.nbytes, raw_dtype=t.qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             with progress_bar(len(layout), progress) as bar:
-                for key, tensor in job.merged_tensors(torch.float32):
-                    if key not in layout:
-                        continue
-                    name, (shape, qtype, nbytes) = layout[key]
-                    writer.write_tensor_data(_encode(_reorder(name, tensor, config, arch), qtype))
+                for t, tensor in _file_tensors(layout, job, config):
+                    writer.write_tensor_data(_encode(to_llama_cpp(t, tensor, config), t.qtype))
                     bar.update(1)
         written_s = time.perf_counter() - started
         report = {"base": str(job.base), "adapter": str(job.adapter), "out": str(out), "format": "gguf",
-                  "gguf_type": gguf_type, "architecture": arch, **job.summary(),
+                  "gguf_type": gguf_type, "architecture": arch, "model_type": config["model_type"], **job.summary(),
                   "tensors": len(layout), "out_bytes": tmp.stat().st_size,
                   "base_bytes": sum(f.stat().st_size for f in job.files),
-                  "f16_fallbacks": sorted(n for n, (_, q, _) in layout.values()
-                                          if gguf_type == "q8_0" and q == gguf.GGMLQuantizationType.F16),
-                  "tokenizer": {"model": tokenizer["model"], "pre": tokenizer["pre"],
-                                "tokens": len(tokenizer["tokens"])},
+                  "f16_fallbacks": sorted(t.name for t in layout
+                                          if gguf_type == "q8_0" and t.qtype == gguf.GGMLQuantizationType.F16),
+                  "tokenizer": {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)},
                   "verify": None}
         if verify:
-            report["verify"] = verify_gguf(tmp, job)
+            unread = transformers_cannot_read(config)
+            report["verify"] = ({"skipped": f"{unread}; the file was not verified by transformers: check it in "
+                                            "llama.cpp"} if unread else
+                                verify_gguf(tmp, job, byte_level=vocab.model == "gpt2"))
     report["times_s"] = {"write": round(written_s, 3), "verify": round(time.perf_counter() - started - written_s, 3),
                          "total": round(time.perf_counter() - started, 3)}
     return report
+
+
+def _file_tensors(layout: list[GGUFTensor], job, config: dict):
+    """(tensor, merged fp32 data) in the layout's order: computed tensors first, then the merged base
+    tensors as they stream by; a stacked expert tensor is held until its last expert arrives."""
+    by_key = {key: t for t in layout for key in t.sources}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for t in layout:
+        if not t.sources:
+            yield t, computed_tensor(t, config)
+    for key, tensor in job.merged_tensors(torch.float32):
+        t = by_key.get(key)
+        if t is None:
+            continue
+        if len(t.sources) == 1:
+            yield t, tensor
+            continue
+        parts = pending.setdefault(t.name, {})
+        parts[key] = tensor
+        if len(parts) == len(t.sources):
+            del pending[t.name]
+            yield t, torch.stack([parts.pop(k) for k in t.sources])
 
 
 @contextlib.contextmanager
@@ -152,194 +170,7 @@ def is_gguf_export(path: Path) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- what llama.cpp needs to know
-
-def _read_config(base: Path) -> dict:
-    """config.json, checked to describe a model this writer can express in llama.cpp's terms."""
-    if not (base / "config.json").is_file():
-        raise QLoraKitError(f"{str(base)!r} is not a model folder: it has no config.json")
-    config = json.loads((base / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise QLoraKitError(f"cannot write {model_type!r} models to GGUF: the GGUF export supports "
-                            f"{', '.join(ARCHITECTURES)} (Llama family, e.g. SmolLM2); export to safetensors "
-                            "(--format safetensors) and convert with llama.cpp's convert_hf_to_gguf.py")
-    if config.get("hidden_act", "silu") != "silu":
-        raise QLoraKitError(f"{base}: hidden_act {config['hidden_act']!r}; llama.cpp's {model_type} expects silu")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise QLoraKitError(f"{base}: rope scaling {rope_type!r} is not written by the GGUF export (default and "
-                            "linear are); export to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
-    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config["rope"] = rope | {"rope_type": rope_type,
-                             "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0))}
-    return config
-
-
-def _write_metadata(writer, config: dict, arch: str, name: str, file_type: int, tok: dict) -> None:
-    from gguf import TokenType
-
-    writer.add_name(name)
-    writer.add_type("model")
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(2)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    writer.add_rope_dimension_count(config["head_dim"])
-    writer.add_rope_freq_base(float(config["rope"]["rope_theta"]))
-    if config["rope"]["rope_type"] == "linear":
-        from gguf import RopeScalingType
-
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config["rope"]["factor"]))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(config["vocab_size"])
-
-    writer.add_tokenizer_model(tok["model"])
-    writer.add_tokenizer_pre(tok["pre"])
-    writer.add_token_list(tok["tokens"])
-    writer.add_token_types([int(TokenType[t]) for t in tok["types"]])
-    writer.add_token_merges(tok["merges"])
-    for key, token_id in tok["ids"].items():
-        if token_id is not None:
-            writer.add_uint32(f"tokenizer.ggml.{key}", token_id)
-    writer.add_add_bos_token(tok["add_bos"])
-    writer.add_add_eos_token(tok["add_eos"])
-    if tok["chat_template"]:
-        writer.add_chat_template(tok["chat_template"])
-
-
-def _tokenizer_metadata(base: Path, vocab_size: int) -> dict:
-    """The base's tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens by id, their
-    types, merges, special ids, whether BOS/EOS are added, and the chat template."""
-    from transformers import AutoTokenizer
-
-    if not (base / "tokenizer.json").is_file():
-        raise QLoraKitError(f"{base} has no tokenizer.json: the GGUF export carries byte-level BPE tokenizers "
-                            "(Llama 3, Qwen2, SmolLM2, GPT-2 style) from tokenizer.json; for a sentencepiece "
-                            "tokenizer use llama.cpp's convert_hf_to_gguf.py on a safetensors export")
-    tok = AutoTokenizer.from_pretrained(str(base))
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
-    if model.get("type") != "BPE" or not _has_byte_level(pre):
-        raise QLoraKitError(f"{base}: tokenizer is {model.get('type')} without a byte-level pre-tokenizer; the GGUF "
-                            "export carries byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2, GPT-2 style) only; "
-                            "use llama.cpp's convert_hf_to_gguf.py on a safetensors export")
-    vocab = tok.get_vocab()
-    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-        raise QLoraKitError(f"{base}: the tokenizer has {len(vocab)} tokens but the model embeds only {vocab_size}")
-    added = {t.content: t for t in tok.added_tokens_decoder.values()}
-    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], ["UNUSED"] * vocab_size
-    for text, index in vocab.items():
-        tokens[index] = text
-        types[index] = ("CONTROL" if added[text].special else "USER_DEFINED") if text in added else "NORMAL"
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    with_specials = tok("a")["input_ids"]
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    return {
-        "model": "gpt2", "pre": _pre_tokenizer_name(pre), "tokens": tokens, "types": types, "merges": merges,
-        "ids": {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                "unknown_token_id": tok.unk_token_id, "padding_token_id": tok.pad_token_id},
-        "add_bos": tok.bos_token_id is not None and with_specials[:1] == [tok.bos_token_id] != plain[:1],
-        "add_eos": tok.eos_token_id is not None and with_specials[-1:] == [tok.eos_token_id] != plain[-1:],
-        "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
-    }
-
-
-def _has_byte_level(pre) -> bool:
-    if not pre:
-        return False
-    if pre.get("type") == "ByteLevel":
-        return True
-    return any(_has_byte_level(p) for p in pre.get("pretrainers", pre.get("pretokenizers", [])))
-
-
-def _pre_tokenizer_name(pre: dict) -> str:
-    """llama.cpp's name for the way text is split before BPE, read from the tokenizer's structure.
-
-    GPT-2's own split (ByteLevel with its regex) is "gpt-2"; a Split regex in front of a regex-free
-    ByteLevel is matched against the splits llama.cpp knows by name (Llama 3, Qwen2); digits split
-    one by one in front of ByteLevel is SmolLM's and StarCoder's "smollm"."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    steps = pre.get("pretokenizers", [])
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = steps[0].get("pattern", {}).get("Regex")
-        for name in ("llama-bpe", "qwen2"):
-            if GGUF_PRE_TOKENIZER_SPLITS[name] == regex:
-                return name
-    raise QLoraKitError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one the GGUF export can "
-                        "name for llama.cpp (GPT-2, SmolLM, Llama 3, Qwen2 splits); use llama.cpp's "
-                        "convert_hf_to_gguf.py on a safetensors export")
-
-
 # ---------------------------------------------------------------- tensors
-
-def _layout(plan: list[Entry], config: dict, gguf_type: str) -> dict[str, tuple[str, tuple[tuple[int, ...], object, int]]]:
-    """{base key: (GGUF name, (shape, GGML type, bytes))} in file order; tied lm_head and rotary buffers dropped."""
-    from gguf import GGMLQuantizationType as Q
-
-    wanted = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
-    layout, unknown = {}, []
-    for key, shape, dtype in plan:
-        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.get("tie_word_embeddings")):
-            continue
-        name = gguf_name(key)
-        if name is None or not dtype.is_floating_point:
-            unknown.append(key)
-            continue
-        qtype = Q.F32 if len(shape) == 1 else wanted
-        if qtype == Q.Q8_0 and shape[-1] % Q8_BLOCK:
-            qtype = Q.F16  # llama.cpp's converter does the same for rows that do not fill whole blocks
-        layout[key] = (name, (shape, qtype, _nbytes(shape, qtype)))
-    if unknown:
-        raise QLoraKitError(f"the base holds tensors the GGUF export cannot name for llama.cpp: {first_few(unknown)}")
-    return layout
-
-
-def gguf_name(key: str) -> str | None:
-    """llama.cpp's tensor name for a Hugging Face Llama-family key, or None when it has none."""
-    if key in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[key]
-    parts = key.split(".")
-    if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
-        return None
-    module, suffix = ".".join(parts[3:-1]), parts[-1]
-    if module not in _LAYER_NAMES or suffix not in ("weight", "bias"):
-        return None
-    return f"blk.{parts[2]}.{_LAYER_NAMES[module]}.{suffix}"
-
-
-def _nbytes(shape: tuple[int, ...], qtype) -> int:
-    from gguf import GGMLQuantizationType as Q
-
-    n = 1
-    for d in shape:
-        n *= d
-    return n // Q8_BLOCK * Q8_BYTES if qtype == Q.Q8_0 else n * (4 if qtype == Q.F32 else 2)
-
-
-def _reorder(name: str, w: torch.Tensor, config: dict, arch: str) -> torch.Tensor:
-    """Llama's q/k rows (and biases) from Hugging Face's rotate-half layout to llama.cpp's pairs."""
-    if arch != "llama" or not (".attn_q." in name or ".attn_k." in name):
-        return w
-    heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
 
 def _encode(w: torch.Tensor, qtype):
     """The tensor's bytes as GGUF stores them, as a numpy array the writer appends."""

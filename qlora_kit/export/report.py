@@ -48,7 +48,7 @@ def format_gguf_report(report: dict) -> str:
         f"scale={report['lora']['scale']:.4g}), merged into the {report['merge_into']} base",
         f"written:    {report['out']}: {report['tensors']} tensors, {human_bytes(report['out_bytes'])} "
         f"({report['gguf_type']}, llama.cpp architecture {report['architecture']}; base {human_bytes(report['base_bytes'])})",
-        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre']}, "
+        f"tokenizer:  {report['tokenizer']['model']} / {report['tokenizer']['pre'] or 'sentencepiece'}, "
         f"{report['tokenizer']['tokens']} tokens",
     ]
     if report["f16_fallbacks"]:
@@ -57,10 +57,13 @@ def format_gguf_report(report: dict) -> str:
     v = report["verify"]
     if v is None:
         lines.append("verify:     skipped")
+    elif "skipped" in v:
+        lines.append(f"verify:     not verified by transformers: {v['skipped']}")
     else:
+        tokens = (f"tokenizer ids identical on {v['tokenizer_strings']} strings" if v["tokenizer_strings"] else
+                  "SentencePiece vocabulary copied from tokenizer.model, not re-tokenized")
         lines.append(f"verify:     transformers reads it back; logits vs {v['reference']} on a {v['batch']} batch: "
-                     f"relative error {v['logit_rel_error']:.3e}; tokenizer ids identical on "
-                     f"{v['tokenizer_strings']} strings")
+                     f"relative error {v['logit_rel_error']:.3e}; {tokens}")
     t = report.get("times_s", {})
     lines.append(f"time:       write {t.get('write', 0):.1f} s, verify {t.get('verify', 0):.1f} s")
     return "\n".join(lines) + "\n"
