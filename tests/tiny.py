@@ -46,6 +46,12 @@ ARCHS = {
     "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
     "granite": dict(model_type="granite", logits_scaling=4.0, embedding_multiplier=2.0,
                     residual_multiplier=0.5, attention_multiplier=0.25),
+    # Mixtures of experts: 4 experts, top-2; expert widths 88 / 56 are not multiples of 32 either.
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=56,
+                      shared_expert_intermediate_size=88, decoder_sparse_step=1, norm_topk_prob=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=56,
+                      decoder_sparse_step=1, norm_topk_prob=True, head_dim=16),
 }
 
 
@@ -70,7 +76,7 @@ def make_model_dir(out: Path, arch: str = "llama", seed: int = 0, dtype=torch.bf
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # larger weights than the default init, so 4-bit error and LoRA effects show
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3: fused expert weights of MoE models
                 p.normal_(0, 0.1)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
