@@ -294,8 +294,7 @@ class ExpertLora(nn.Module):
 
     def factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_e, B_e) of one expert: r x in and out x r."""
-        a = self.lora_A.weight[expert * self.r:(expert + 1) * self.r]
-        return a, self.lora_B.weight[:, expert::self.experts]
+        return expert_factors(self.lora_A.weight, self.lora_B.weight, expert, self.experts)
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """scale * B_e(A_e(x)) in the adapter dtype."""
@@ -307,6 +306,13 @@ class ExpertLora(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.experts}, r={self.r}, alpha={self.alpha}, dtype={dtype_name(self.dtype)}"
+
+
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, expert: int, experts: int) -> Factors:
+    """One expert's (A_e, B_e) out of PEFT's expert layout (see ExpertLora): A's rows e*r .. e*r + r - 1,
+    B's columns e, e + experts, ..."""
+    r = lora_a.shape[0] // experts
+    return lora_a[expert * r:(expert + 1) * r], lora_b[:, expert::experts]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
