@@ -97,6 +97,9 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
         if piece is not None and name in expected:
             if experts.add(model.get_submodule(owner), piece, tensor):
                 seen.add(name)
+        elif experts.is_fused(name) and name in expected:
+            experts.add_fused(model.get_submodule(owner), name, tensor)
+            seen.add(name)
         elif owner in quantised and leaf == "weight":
             _check_shape(key, tensor, model.get_submodule(owner).weight)
             bias = pending_bias.pop(owner, None)

@@ -87,6 +87,9 @@ class ExpertLayout:
         target, pattern = apply_converters(renamed, self.converters)
         if pattern is None:
             return target, None
+        if target.rpartition(".")[0] not in self.experts:
+            raise QLoraKitError(f"checkpoint tensor {key} is converted by transformers into {target}, which is not "
+                                "an experts module qlora_kit knows: only MoE experts conversions are supported")
         converter = next(c for c in self.converters if pattern in c.source_patterns)
         match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed)
         if match is None:
@@ -208,6 +211,20 @@ class ExpertAssembler:
     """Collects checkpoint tensors expert by expert while loading and places each expert as soon as its
     pieces are in: full precision is held for one expert's pieces at a time (plus pieces stored apart
     in the file, e.g. Qwen's down_proj before its gate_proj)."""
+
+    def is_fused(self, name: str) -> bool:
+        """A fused expert parameter stored as such (a checkpoint in transformers' in-memory layout)."""
+        owner, _, leaf = name.rpartition(".")
+        return owner in self.layout.experts and leaf in EXPERT_PARAMS
+
+    def add_fused(self, module: MoeExperts, name: str, tensor: torch.Tensor) -> None:
+        """Place every expert of a fused [experts, out, in] checkpoint tensor, one expert at a time."""
+        param = name.rpartition(".")[2]
+        if tuple(tensor.shape) != module.shapes[param]:
+            raise QLoraKitError(f"weight {name} has shape {tuple(tensor.shape)} but the config expects "
+                                f"{module.shapes[param]}: the folder's config.json and weights disagree")
+        for expert in range(tensor.shape[0]):
+            module.place(param, expert, tensor[expert].to(self.dtype, copy=True), self.quant, self.device)
 
     def __init__(self, layout: ExpertLayout, quant: QuantConfig | None, dtype: torch.dtype, device: torch.device):
         self.layout, self.quant, self.dtype, self.device = layout, quant, dtype, device

@@ -192,3 +192,68 @@ def test_checkpoint_missing_an_expert(tiny_dirs, tmp_path):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(QLoraKitError, match="model.layers.1.mlp.experts.gate_up_proj"):
         load(folder, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def fused_dir(tmp_path_factory, tiny_dirs):
+    """The tiny Qwen3-MoE written in transformers' in-memory layout: one 3-D tensor per projection."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_dirs("qwen3_moe")
+    folder = tmp_path_factory.mktemp("fused")
+    for f in source.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, folder / f.name)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_fused_checkpoint_loads_and_exports_in_its_own_layout(tiny_dirs, fused_dir, tmp_path):
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys(fused_dir)
+    per_expert, fused = load(tiny_dirs("qwen3_moe"), torch.float32), load(fused_dir, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids()).logits, per_expert(ids()).logits, rtol=0, atol=0)
+    add_lora(fused, LoraConfig(r=2, alpha=4, dropout=0.0, target_experts=True, dtype=torch.float32))
+    train(fused, steps=2)
+    save_adapter(fused.eval(), tmp_path / "adapter")
+    report = export_merged(fused_dir, tmp_path / "adapter", tmp_path / "out", dtype="fp32", progress=False,
+                           compute_dtype=torch.float32)
+    assert report["verify"]["logit_rel_error"]["dequantized"] < 1e-5, report["verify"]
+    assert keys(tmp_path / "out") == keys(fused_dir)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_planner_counts_experts_as_the_model_has_them(tiny_dirs, arch):
+    """Parameters against the transformers model; quantised bytes against the loaded 4-bit model."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.plan import plan_memory
+
+    folder = tiny_dirs(arch)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    plan = plan_memory(folder, quant=QuantConfig(compute_dtype=torch.float32),
+                       lora=LoraConfig(r=4, dropout=0.0, target_experts=True, dtype=torch.float32), device="cpu")
+    assert plan.parameters == sum(p.numel() for p in reference.parameters())
+    experts = reference.config.num_experts_per_tok
+    idle = sum(p[0].numel() for n, p in reference.named_parameters() if ".experts." in n) * (4 - experts)
+    assert plan.moe["active_parameters"] == plan.parameters - idle
+    model = load(folder, torch.float32)
+    packed = sum(m.qweight.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+    assert plan.components["quantized_weights"] + plan.components["quant_constants"] == packed
+    add_lora(model, LoraConfig(r=4, dropout=0.0, target_experts=True, dtype=torch.float32))
+    assert plan.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_mixtral_preset_as_published():
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Mistral AI's announcement)."""
+    from qlora_kit.plan import plan_memory
+
+    plan = plan_memory("mixtral-8x7b", quant=QuantConfig(compute_dtype=torch.bfloat16),
+                       lora=LoraConfig(dtype=torch.bfloat16))
+    assert round(plan.parameters / 1e9, 1) == 46.7 and round(plan.moe["active_parameters"] / 1e9, 1) == 12.9
+    assert 21 * 2**30 < plan.moe["expert_weight_bytes"] < 22 * 2**30  # 45B expert weights at ~4.1 bits

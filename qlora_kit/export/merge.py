@@ -44,10 +44,14 @@ class ExpertMerge:
                  source: SourceWeights):
         self.layout, self.pairs, self.source = layout, pairs, source
         self.groups: dict[tuple[str, int], dict[str, str]] = {}  # (fused param, expert) -> {pattern: checkpoint key}
+        self.fused: set[str] = set()  # fused parameters stored as such (transformers' in-memory layout)
+        params = {f"{m}.{p}" for m, module in layout.experts.items() for p in module._parameters}
         for key in keys:
-            _, piece = layout.locate(key)
+            name, piece = layout.locate(key)
             if piece is not None:
                 self.groups.setdefault((piece.param, piece.expert), {})[piece.pattern] = key
+            elif name in params:
+                self.fused.add(name)
 
     def experts(self, param: str) -> int:
         owner, _, name = param.rpartition(".")
@@ -83,6 +87,18 @@ class Merger:
             a, b = expert_factors(*ab, piece.expert, self.experts.experts(piece.param))
             w = w + lora_delta(a, b, self.scale)
         return w
+
+    def merged_fused(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A fused [experts, out, in] checkpoint tensor (transformers' own layout), merged expert by expert."""
+        dequantized = self.merge_into == "dequantized" and self.quant is not None
+        ab = self.experts.pairs.get(name)
+        out = torch.empty(tensor.shape, dtype=self.dtype)
+        for e in range(tensor.shape[0]):
+            w = roundtrip(tensor[e].to(self.quant.compute_dtype), self.quant) if dequantized else tensor[e].float()
+            if ab is not None:
+                w = w + lora_delta(*expert_factors(*ab, e, tensor.shape[0]), self.scale)
+            out[e] = w.to(self.dtype)
+        return out
 
     def merged_expert(self, piece: ExpertPiece, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if key in self.ready:
@@ -124,6 +140,8 @@ class Merger:
         name, piece = self.locate(key)
         if piece is not None:
             return self.merged_expert(piece, key, tensor)
+        if self.experts is not None and name in self.experts.fused:
+            return self.merged_fused(name, tensor)
         if name in self.pairs:  # adapters and quantised weights go by the model's key (Mixtral renames)
             return self.merged_fp32(name, tensor, norms).to(self.dtype)
         return self.base_weight(name, tensor).to(self.dtype)
