@@ -152,12 +152,13 @@ class MoeExperts(nn.Module):
 
     def add_lora(self, r: int, alpha: float, rslora: bool, dtype: torch.dtype,
                  generator: torch.Generator | None) -> None:
+        """One ExpertLora per fused parameter (the router is never adapted)."""
         device = next(self.parameters()).device
         for i, p in enumerate(self.params):
             experts, out_f, in_f = self.shapes[p]
-            lora = ExpertLora(experts, in_f, out_f, r, alpha, rslora, dtype, ".".join(["base_layer"] * (len(self.params) - 1 - i)),
-                              generator, device)
-            self.add_module(f"lora_{p}", lora)
+            peft_path = ".".join(["base_layer"] * (len(self.params) - 1 - i))  # see peft_paths
+            self.add_module(f"lora_{p}", ExpertLora(experts, in_f, out_f, r, alpha, rslora, dtype, peft_path,
+                                                    generator, device))
 
     def lora(self, param: str) -> ExpertLora | None:
         return self._modules.get(f"lora_{param}")

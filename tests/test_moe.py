@@ -257,3 +257,22 @@ def test_mixtral_preset_as_published():
                        lora=LoraConfig(dtype=torch.bfloat16))
     assert round(plan.parameters / 1e9, 1) == 46.7 and round(plan.moe["active_parameters"] / 1e9, 1) == 12.9
     assert 21 * 2**30 < plan.moe["expert_weight_bytes"] < 22 * 2**30  # 45B expert weights at ~4.1 bits
+
+
+def test_yaml_run_with_expert_lora_trains_resumable_checkpoints_and_exports(tiny_dirs, tmp_path):
+    """The trainer end to end on Mixtral (bf16): `lora.target_experts: true` in the YAML sections,
+    gradient checkpointing on, held-out loss falls, the run's adapter exports."""
+    from test_train import make_config
+
+    from qlora_kit.config import config_from_dict
+    from qlora_kit.trainer import train as run_training
+
+    folder = tiny_dirs("mixtral")
+    raw = make_config(tmp_path, folder, "bf16", max_steps=4, eval_every=4, save_every=2, lr=1e-2)
+    raw["lora"] = {"r": 4, "dropout": 0.0, "target_experts": True}
+    result = run_training(config_from_dict(raw), progress=False)
+    assert result.eval_after < result.eval_before - 0.3, (result.eval_before, result.eval_after)
+    adapter = result.run_dir / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    report = export_merged(folder, adapter, tmp_path / "out", dtype="fp32", progress=False)
+    assert report["verify"]["logit_rel_error"]["dequantized"] < 1e-5, report["verify"]
