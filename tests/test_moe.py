@@ -307,3 +307,23 @@ def test_yaml_run_with_expert_lora_trains_resumable_checkpoints_and_exports(tiny
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
     report = export_merged(folder, adapter, tmp_path / "out", dtype="fp32", progress=False)
     assert report["verify"]["logit_rel_error"]["dequantized"] < 1e-5, report["verify"]
+
+
+def test_stopped_and_resumed_run_with_expert_lora_equals_a_straight_run(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+    from test_train import make_config
+
+    from qlora_kit.trainer import train as run_training
+
+    raw = make_config(tmp_path, tiny_dirs("qwen3_moe"), "fp32", max_steps=4, eval_every=100, save_every=2,
+                      schedule="constant")
+    raw["data"]["eval_fraction"] = 0.0
+    raw["lora"] = {"r": 2, "dropout": 0.0, "target_experts": True}
+    for out, steps in (("straight", 4), ("resumed", 2)):
+        raw["output"]["dir"] = str(tmp_path / out)
+        run_training({**raw, "train": {**raw["train"], "max_steps": steps}}, progress=False)
+    run_training(raw, resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert any(".experts.base_layer.lora_B" in k for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
