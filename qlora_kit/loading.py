@@ -6,6 +6,10 @@ target device, everything else (embeddings, norms, lm_head) is copied in the com
 full-precision model never exists in memory, and no tensor the model keeps views a shard, so only
 one shard is mapped at a time: peak memory stays near the quantised size plus one shard's pages and
 one tensor's temporaries. Nothing is unpickled; remote code runs only when asked for.
+
+Checkpoint keys reach the model through transformers' own checkpoint conversion mapping (see
+qlora_kit.moe): for mixture-of-experts models it renames (Mixtral's block_sparse_moe -> mlp) and
+fuses each expert's tensors, which are quantised one expert at a time into a MoeExperts module.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ concatenate gate with up). `ExpertLayout` applies that mapping, the library's ow
 time: each expert's fused matrix is built from its checkpoint tensors by the converter's operations,
 quantised, and dropped, so loading never holds more than one expert in full precision. The export
 runs the reversed operations to write merged experts back under the checkpoint's own names.
+Checkpoints already in the fused layout (a transformers state dict saved as is) load and export too.
 
 `MoeExperts` replaces transformers' experts module: the same forward (tokens routed by the frozen,
 unquantised router, each expert's SwiGLU, outputs weighted and summed), with each expert's two
