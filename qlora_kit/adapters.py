@@ -113,7 +113,7 @@ class Adapter:
             "target_modules": self.target_modules, "use_rslora": self.lora.rslora, "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
-            "target_parameters": self.target_parameters, "qlora_kit": ours,
+            **({"target_parameters": self.target_parameters} if self.target_parameters else {}), "qlora_kit": ours,
         }
 
     def init_tensors(self) -> dict[str, torch.Tensor]:

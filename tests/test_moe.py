@@ -327,3 +327,22 @@ def test_stopped_and_resumed_run_with_expert_lora_equals_a_straight_run(tiny_dir
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert any(".experts.base_layer.lora_B" in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapters_disabled_switches_expert_adapters_off_too(tiny_dirs):
+    """The preference losses' reference model is the base with every adapter off, experts' included."""
+    from qlora_kit.adapt import adapters_disabled
+
+    model = load(tiny_dirs("qwen3_moe"), torch.float32)
+    with torch.no_grad():
+        base = model(ids()).logits
+    add_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj"], target_experts=True,
+                               dtype=torch.float32))
+    with torch.no_grad():
+        for lora in expert_loras(model).values():
+            lora.lora_B.weight.normal_(0, 0.1)
+        adapted = model(ids()).logits
+        with adapters_disabled(model):
+            off = model(ids()).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
