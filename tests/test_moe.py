@@ -129,7 +129,7 @@ def test_peft_loads_the_expert_adapter(tiny_dirs, tmp_path, arch):
 @pytest.mark.parametrize("arch", MOE)
 def test_merged_export_matches_the_4bit_model_with_adapter(tiny_dirs, tmp_path, arch, experts, dtype):
     """Quantised from `dtype`; the export (fp32) against the 4-bit model + adapter run in fp32.
-    Measured 4e-7 .. 6e-7 for all three families, with and without expert LoRA."""
+    Measured 5.7e-7 .. 6.6e-7 for all three families, with and without expert LoRA, fp32 and bf16."""
     folder = tiny_dirs(arch)
     model = load(folder, dtype)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_experts=experts, dtype=dtype))
