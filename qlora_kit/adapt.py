@@ -22,8 +22,9 @@ from torch import nn
 from .dtypes import as_dtype
 from .errors import QLoraKitError, first_few
 from .inits import check_init_fits, initialise
-from .lora import LoraConfig, LoraLinear, lora_layers
+from .lora import LoraConfig, LoraLinear, expert_loras, lora_layers
 from .modeltree import match_targets, set_module
+from .moe import moe_experts
 from .quant import QuantLinear
 from .record import record_of
 
@@ -35,8 +36,12 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     config = config or LoraConfig()
     if config.dtype == "auto":
         config = replace(config, dtype=model.get_input_embeddings().weight.dtype)
-    if lora_layers(model):
+    if lora_layers(model) or expert_loras(model):
         raise QLoraKitError("this model already has LoRA adapters; load a fresh base to add new ones")
+    experts = moe_experts(model)
+    if config.target_experts and not experts:
+        raise QLoraKitError("target_experts=True, but this model has no mixture-of-experts layers qlora_kit adapts "
+                            "(Mixtral, Qwen2-MoE, Qwen3-MoE loaded with qlora_kit.load_model): drop target_experts")
     names = match_targets(model, config.targets)
     check_init_fits(model, names, config)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
@@ -47,6 +52,9 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
         layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, config.dtype, generator,
                            config.shared_dropout)
         set_module(model, name, layer.train(model.training))  # an eval-mode model gets no dropout
+    if config.target_experts:
+        for module in experts.values():
+            module.add_lora(config.r, config.alpha, config.rslora, config.dtype, generator)
     record = record_of(model)
     initialise({name: model.get_submodule(name) for name in names}, config, record.source)
     record.lora = config
@@ -71,6 +79,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
     so training can go on afterwards."""
     out: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
+    for name, m in moe_experts(model).items():  # fused [experts, out, in] parameters, as transformers holds them
+        out.update({f"{name}.{p}": w.to(dtype) for p, w in m.merged().items()})
+        handled.add(name)
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             w = m.base_weight() + m.delta_weight()
@@ -127,7 +138,7 @@ def _materialise_buffers(target: nn.Module, source: nn.Module) -> None:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every LoraLinear computes its frozen base alone (the model without adapters);
     each adapter's previous state is restored on leaving, also after an error."""
-    layers = lora_layers(model)
+    layers = {**lora_layers(model), **expert_loras(model)}
     if not layers:
         raise QLoraKitError("this model has no LoRA adapters to disable: add_lora(model, ...) first")
     before = {name: layer.enabled for name, layer in layers.items()}

@@ -32,8 +32,9 @@ from .dtypes import as_dtype
 from .errors import QLoraKitError, first_few
 from .inits import rebuild_base
 from .io import atomic_dir, check_replace, disk_full_as_error, refuse_overlap, unknown_entries
-from .lora import ChangedBase, LoraConfig, lora_layers, lora_state_dict
+from .lora import ChangedBase, LoraConfig, expert_loras, lora_layers, lora_state_dict
 from .modeltree import linear_layer_names
+from .moe import moe_experts, peft_paths
 from .quant import QuantConfig
 from .record import record_of
 from .tensorfiles import SourceWeights, read_tensors
@@ -63,6 +64,7 @@ class Adapter:
     quant_recorded: bool = True
     changed: dict[str, ChangedBase] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # PEFT's, for expert adapters: ['mlp.experts.gate_up_proj', ...]
     base_model: str | None = None
     extra: dict = field(default_factory=dict)
     path: Path | None = None
@@ -89,8 +91,12 @@ class Adapter:
         if targets == "all-linear":
             targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
         changed = {n: layer.changed_base for n, layer in layers.items() if layer.changed_base is not None}
+        # PEFT matches a target parameter by suffix: '<block>.<experts>.<param>' names it in every layer
+        parameters = sorted({".".join(f"{n}.{p}".split(".")[-3:]) for n, m in moe_experts(model).items()
+                             for p in m.params if m.lora(p) is not None}) or None
         return cls(record.lora, tensors if tensors is not None else lora_state_dict(model), record.quant, True,
-                   changed, targets, getattr(model.config, "_name_or_path", None) or None, dict(extra or {}))
+                   changed, targets, parameters, getattr(model.config, "_name_or_path", None) or None,
+                   dict(extra or {}))
 
     def config_dict(self) -> dict:
         """adapter_config.json's contents."""
@@ -107,7 +113,7 @@ class Adapter:
             "target_modules": self.target_modules, "use_rslora": self.lora.rslora, "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
-            "qlora_kit": ours,
+            **({"target_parameters": self.target_parameters} if self.target_parameters else {}), "qlora_kit": ours,
         }
 
     def init_tensors(self) -> dict[str, torch.Tensor]:
@@ -168,7 +174,7 @@ class Adapter:
                           targets=raw.get("target_modules") or "all-linear",
                           rslora=bool(raw.get("use_rslora", False)), dtype="auto",  # the loading model's dtype
                           seed=saved.get("seed", 0), init=saved.get("init", "default"),
-                          init_iters=saved.get("init_iters", 1))
+                          init_iters=saved.get("init_iters", 1), target_experts=bool(raw.get("target_parameters")))
         tensors = {}
         for key, t in read_tensors(path / WEIGHTS_NAME).items():
             key = key.removeprefix(PEFT_PREFIX)
@@ -181,7 +187,7 @@ class Adapter:
                                 f"base, but its {INIT_FILE} is missing: copy the whole adapter folder")
         extra = {k: v for k, v in ours.items() if k not in ("lora", "modules", "quant", "init")}
         return cls(lora, tensors, quant, quant_recorded, changed, raw.get("target_modules"),
-                   raw.get("base_model_name_or_path"), extra, path)
+                   raw.get("target_parameters") or None, raw.get("base_model_name_or_path"), extra, path)
 
     # ------------------------------------------------------------ does it fit
 
@@ -211,7 +217,9 @@ class Adapter:
     def check_fits(self, layers: dict[str, tuple[int, ...]], what: str, rank: int | None = None,
                    every: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The (A, B) pairs, after checking each fits its layer's weight shape in `layers` ({module:
-        (out, in)}) and, given `rank`, has that rank; `every`: each layer in `layers` has a pair.
+        (out, in)}, or (experts, out, in) for a fused expert parameter, whose A is (r * experts) x in and
+        B out x (r * experts), PEFT's layout) and, given `rank`, has that rank; `every`: each layer in
+        `layers` has a pair.
 
         The one fit check: loading into a model, resuming a checkpoint and exporting against a base
         checkpoint's headers all use it, so a mismatch reads the same everywhere."""
@@ -219,13 +227,14 @@ class Adapter:
         problems = []
         for module, (a, b) in pairs.items():
             shape = layers.get(module)
+            experts = shape[0] if shape is not None and len(shape) == 3 else 1
             if shape is None:
                 problems.append(f"{module}: the base has no {module}.weight")
-            elif (len(shape) != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]
-                  or (b.shape[0], a.shape[1]) != tuple(shape)):
+            elif (len(shape) not in (2, 3) or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]
+                  or a.shape[0] % experts or (b.shape[0], a.shape[1]) != tuple(shape[-2:])):
                 problems.append(f"{module}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not fit the base weight "
                                 f"{tuple(shape)}")
-            elif rank is not None and a.shape[0] != rank:
+            elif rank is not None and a.shape[0] != rank * experts:
                 problems.append(f"{module}: rank {a.shape[0]}, where {what}'s adapters have r={rank}")
         if every:
             problems += [f"{m}: no tensors for this adapted layer" for m in layers if m not in pairs]
@@ -262,15 +271,26 @@ def is_adapter_folder(folder: Path) -> bool:
     return isinstance(raw, dict) and "qlora_kit" in raw and not unknown_entries(folder, ADAPTER_FILES.__contains__)
 
 
-def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{module: (out, in)} of the model's linear layers, or of its adapted ones once it has adapters."""
-    layers = lora_layers(model)
-    if layers:
-        return {n: (m.out_features, m.in_features) for n, m in layers.items()}
-    shapes = {}
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{module: (out, in)} of the model's linear layers, and {PEFT path: (experts, out, in)} of its fused
+    expert parameters, or of its adapted ones once it has adapters."""
+    layers, experts = lora_layers(model), expert_loras(model)
+    if layers or experts:
+        return {**{n: (m.out_features, m.in_features) for n, m in layers.items()},
+                **{n: (m.experts, m.out_features, m.in_features) for n, m in experts.items()}}
+    shapes: dict[str, tuple[int, ...]] = expert_shapes(model)
     for name in linear_layer_names(model):
         layer = model.get_submodule(name)
         shapes[name] = (layer.out_features, layer.in_features)
+    return shapes
+
+
+def expert_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{PEFT adapter path: (experts, out, in)} for every fused expert parameter of a loaded model."""
+    shapes = {}
+    for name, m in moe_experts(model).items():
+        paths = peft_paths(name, m.params)
+        shapes.update({paths[f"{name}.{p}"]: m.shapes[p] for p in m.params})
     return shapes
 
 
@@ -298,12 +318,14 @@ def read_adapter(path: str | Path) -> Adapter:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a PEFT-layout adapter into `model` (adding the adapter layers if it has none yet)."""
     adapter = Adapter.read(path)
-    fresh = not lora_layers(model)
+    fresh = not lora_layers(model) and not expert_loras(model)
     adapter.check_fits(layer_shapes(model), "this model", rank=None if fresh else record_of(model).lora.r,
                        every=not fresh)
     if fresh:
-        wanted = adapter.modules
-        add_lora(model, replace(adapter.lora, targets="|".join(map(re.escape, wanted)), init="default"))
+        in_experts = set(expert_shapes(model))
+        wanted = [m for m in adapter.modules if m not in in_experts]
+        add_lora(model, replace(adapter.lora, targets="|".join(map(re.escape, wanted)), init="default",
+                                target_experts=len(wanted) < len(adapter.modules)))
         # the tensors and the init file say where it starts; the record says how it began
         record = record_of(model)
         record.lora = replace(record.lora, init=adapter.lora.init, init_iters=adapter.lora.init_iters,

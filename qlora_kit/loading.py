@@ -6,6 +6,10 @@ target device, everything else (embeddings, norms, lm_head) is copied in the com
 full-precision model never exists in memory, and no tensor the model keeps views a shard, so only
 one shard is mapped at a time: peak memory stays near the quantised size plus one shard's pages and
 one tensor's temporaries. Nothing is unpickled; remote code runs only when asked for.
+
+Checkpoint keys reach the model through transformers' own checkpoint conversion mapping (see
+qlora_kit.moe): for mixture-of-experts models it renames (Mixtral's block_sparse_moe -> mlp) and
+fuses each expert's tensors, which are quantised one expert at a time into a MoeExperts module.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .errors import QLoraKitError, first_few
 from .memory import return_freed_memory
 from .modeltree import checkpointed_blocks, decoder_layers, linear_layer_names, set_module
 from .dtypes import resolve_dtype
+from .moe import ExpertAssembler, ExpertLayout, MoeExperts
 from .quant import QuantConfig, QuantLinear
 from .record import record_of
 from .tensorfiles import count_tensors, iter_safetensors, safetensors_files
@@ -74,9 +79,14 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
                             "or install a CUDA build of torch")
     config = load_config(path, trust_remote_code)
     model = build_empty_model(config, dtype, trust_remote_code)
-    quantised = set(linear_layer_names(model)) if quant is not None else set()
     expected = {k for k in model.state_dict()}
     tied = _tied_keys(model)
+    # checkpoint keys -> model keys by transformers' own conversion mapping (MoE experts: many -> one)
+    layout = ExpertLayout(model)
+    for name, module in layout.experts.items():
+        set_module(model, name, MoeExperts(module))
+    experts = ExpertAssembler(layout, quant, dtype, device)
+    quantised = set(linear_layer_names(model)) if quant is not None else set()
 
     pending_bias: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
@@ -86,21 +96,28 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
         # `tensor` views its shard's memory map. While any view lives, the whole shard stays mapped,
         # with every page read from it resident: the model keeps copies only (_owned), and the view
         # is dropped before the next one is read, so the next shard never opens beside this one.
-        owner, _, leaf = key.rpartition(".")
-        if owner in quantised and leaf == "weight":
+        name, piece = layout.locate(key)
+        owner, _, leaf = name.rpartition(".")
+        if piece is not None and name in expected:
+            if experts.add(model.get_submodule(owner), piece, tensor):
+                seen.add(name)
+        elif experts.is_fused(name) and name in expected:
+            experts.add_fused(model.get_submodule(owner), name, tensor)
+            seen.add(name)
+        elif owner in quantised and leaf == "weight":
             _check_shape(key, tensor, model.get_submodule(owner).weight)
             bias = pending_bias.pop(owner, None)
             layer = QuantLinear.from_weight(tensor.to(dtype), quant, bias, device)
             set_module(model, owner, layer)
             quantised.discard(owner)
-            seen.add(key)
-        elif key in expected:
+            seen.add(name)
+        elif name in expected:
             value = _owned(tensor, device, dtype if tensor.is_floating_point() else None)
             if owner in quantised and leaf == "bias":
                 pending_bias[owner] = value
             else:
-                _assign(model, key, value)
-            seen.add(key)
+                _assign(model, name, value)
+            seen.add(name)
         else:
             unexpected.append(key)
         del tensor

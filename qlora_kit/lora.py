@@ -48,6 +48,9 @@ class LoraConfig:
         (orthonormal rows in A, zero B), "svd" (PiSSA: top-r singular triplets of W; the base becomes
         the residual) or "loftq" (fit the quantisation error; needs a quantised base).
     init_iters: LoftQ's alternating rounds T (quantise, then SVD of what quantisation lost).
+    target_experts: also adapt the expert weights of mixture-of-experts models (Mixtral, Qwen MoE), one
+        low-rank pair per expert in PEFT's layout for expert parameters (`target_parameters`). PEFT
+        cannot apply dropout there, so it needs dropout 0. The router is never adapted.
     shared_dropout: adapters that read the same input (q/k/v; gate/up) share one dropout mask, so a
         block draws 4 masks instead of 7. Each adapter still sees its input dropped with probability
         `dropout`; what changes is that the noise is the same for the three (two) of them, where
@@ -65,9 +68,19 @@ class LoraConfig:
     init: str = "default"
     init_iters: int = 1
     shared_dropout: bool = True
+    target_experts: bool = False
 
     def __post_init__(self) -> None:
         check_init(self.init)
+        if not isinstance(self.target_experts, bool):
+            raise QLoraKitError(f"target_experts={self.target_experts!r} must be true or false")
+        if self.target_experts and self.dropout:
+            raise QLoraKitError(f"target_experts=True needs dropout 0 (it is {self.dropout}): PEFT's adapters on expert "
+                                "parameters cannot drop their input, so an adapter trained with dropout there would "
+                                "not load in PEFT; set lora.dropout: 0")
+        if self.target_experts and self.init != "default":
+            raise QLoraKitError(f"init {self.init!r} is not available with target_experts=True: expert adapters start "
+                                "as PEFT's do (init 'default')")
         if not isinstance(self.shared_dropout, bool):
             raise QLoraKitError(f"shared_dropout={self.shared_dropout!r} must be true or false")
         if not isinstance(self.init_iters, int) or self.init_iters < 1:
@@ -250,14 +263,77 @@ class _SharedDropoutSlot:
 _SHARED_DROPOUT = _SharedDropoutSlot()
 
 
+class ExpertLora(nn.Module):
+    """A low-rank update per expert of one fused expert weight [experts, out, in], in PEFT's layout.
+
+    PEFT (`target_parameters`, its ParamWrapper) keeps all experts' factors in two matrices:
+    A: (r * experts) x in, expert e's rows e*r .. e*r + r - 1;
+    B: out x (r * experts), expert e's columns e, e + experts, e + 2 * experts, ... (r of them).
+    Expert e's delta is scale * B_e @ A_e, the same formula as a linear layer's. Keeping PEFT's
+    layout in memory makes the saved tensors PEFT's tensors, with no reshuffle on save or load.
+
+    peft_path: where PEFT puts this adapter relative to the experts module. PEFT wraps a module's
+    targeted parameters one inside the other in registration order, so the first (gate_up_proj) sits
+    under 'base_layer' and the last (down_proj) on the module itself."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, r: int, alpha: float,
+                 rslora: bool = False, dtype: torch.dtype = torch.bfloat16, peft_path: str = "",
+                 generator: torch.Generator | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.experts, self.r, self.alpha, self.rslora = experts, r, alpha, rslora
+        self.scale = lora_scale(alpha, r, rslora)
+        self.dtype, self.peft_path = dtype, peft_path
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Linear(in_features, r * experts, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r * experts, out_features, bias=False, device=device, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(in_features)  # PEFT's Kaiming-uniform A, zero B, as for LoraLinear
+        with torch.no_grad():
+            self.lora_A.weight.copy_(torch.empty(r * experts, in_features).uniform_(-bound, bound, generator=generator))
+            self.lora_B.weight.zero_()
+        self.enabled = True
+
+    def factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_e, B_e) of one expert: r x in and out x r."""
+        return expert_factors(self.lora_A.weight, self.lora_B.weight, expert, self.experts)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """scale * B_e(A_e(x)) in the adapter dtype."""
+        a, b = self.factors(expert)
+        return F.linear(F.linear(x.to(self.dtype), a.to(self.dtype)), (b * self.scale).to(self.dtype))
+
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        return lora_delta(*self.factors(expert), self.scale)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.experts}, r={self.r}, alpha={self.alpha}, dtype={dtype_name(self.dtype)}"
+
+
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, expert: int, experts: int) -> Factors:
+    """One expert's (A_e, B_e) out of PEFT's expert layout (see ExpertLora): A's rows e*r .. e*r + r - 1,
+    B's columns e, e + experts, ..."""
+    r = lora_a.shape[0] // experts
+    return lora_a[expert * r:(expert + 1) * r], lora_b[:, expert::experts]
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, keyed by module path ('model.layers.0.self_attn.q_proj.lora_A.weight')."""
+def expert_loras(model: nn.Module) -> dict[str, ExpertLora]:
+    """{PEFT module path: ExpertLora}, e.g. 'model.layers.0.mlp.experts.base_layer' (gate_up_proj)."""
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertLora):
+            owner = name.rpartition(".")[0]
+            out[f"{owner}.{m.peft_path}" if m.peft_path else owner] = m
+    return out
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, keyed by module path ('model.layers.0.self_attn.q_proj.lora_A.weight';
+    expert adapters by PEFT's path, 'model.layers.0.mlp.experts.base_layer.lora_A.weight')."""
+    out = {}
+    for name, layer in {**lora_layers(model), **expert_loras(model)}.items():
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight
     return out

@@ -14,6 +14,7 @@ import re
 from torch import nn
 
 from .errors import QLoraKitError, closest, first_few
+from .moe import MoeExperts
 from .quant import QuantLinear
 
 ALL_LINEAR = "all-linear"
@@ -24,11 +25,14 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the decoder's linear layers: every nn.Linear/QuantLinear except the output head and
-    the adapters' own lora_A / lora_B."""
+    """Names of the decoder's linear layers: every nn.Linear/QuantLinear except the output head, the
+    adapters' own lora_A / lora_B, and the per-expert projections inside MoeExperts (experts are
+    adapted as PEFT adapts expert parameters, with `target_experts`, never one linear at a time)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    experts = tuple(name + "." for name, m in model.named_modules() if isinstance(m, MoeExperts))
     return [name for name, m in model.named_modules()
-            if is_linear(m) and m is not head and not name.endswith(("lora_A", "lora_B"))]
+            if is_linear(m) and m is not head and not name.endswith(("lora_A", "lora_B"))
+            and not (experts and name.startswith(experts))]
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

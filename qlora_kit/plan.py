@@ -97,7 +97,7 @@ def block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str
     saved is the norms' fp32 inputs, the LoRA branches' inputs, attention's q/k/v/output/logsumexp,
     and the MLP's gate, act(gate) and up outputs. With fp32 compute the first norm's fp32 input is
     the block's input itself, not a copy."""
-    h, i = shape.hidden, shape.intermediate
+    h, i = shape.hidden, shape.mlp_width
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     ab = torch.finfo(lora.dtype).bits // 8
     dropout = lora.dropout > 0
@@ -161,12 +161,12 @@ def block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: Qua
     dtype; LLM.int8 makes an fp32 copy first, gone before the matmul writes its output. And the
     post-attention RMSNorm's moment, whose backward runs in fp32: five fp32 temporaries of the
     hidden size and the residual gradient. The MLP wins with fp32 compute, the norm often with 16-bit."""
-    h, i = shape.hidden, shape.intermediate
+    h, i = shape.hidden, shape.mlp_width
     if checkpointed:
         grads, out = (2 * cb * i + 2 * cb * h) * tokens, cb * h * tokens
     else:
         grads, out = (cb * i + cb * h) * tokens, cb * i * tokens
-    largest = max(a * b for _, a, b, _ in shape.linears())
+    largest = max(a * b for _, a, b, _ in shape.linears() + shape.expert_linears())
     weight = 0 if quant is None else cb * largest
     int8_copy = 4 * largest if quant is not None and quant.bits == 8 and cb != 4 else 0
     mlp = grads + weight + max(out, int8_copy)
@@ -232,6 +232,8 @@ class MemoryPlan:
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
     _inputs: dict = field(default_factory=dict, repr=False, compare=False)
+    # mixtures of experts: experts, experts_per_token, active_parameters, expert_weight_bytes
+    moe: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -267,7 +269,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {"model": self.model, "settings": self.settings, "components": dict(self.components),
                 "total": self.total, "parameters": self.parameters,
-                "trainable_parameters": self.trainable_parameters, "notes": list(self.notes)}
+                "trainable_parameters": self.trainable_parameters, "notes": list(self.notes),
+                **({"moe": dict(self.moe)} if self.moe else {})}
 
     def summary(self) -> str:
         """One line for logs: the model, the settings that matter and the total."""
@@ -323,8 +326,26 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
             qbytes += shape.layers * packed
             qconst += shape.layers * const
 
+    expert_bytes = 0  # all experts' weights: quantised like the linears, one matrix per expert and projection
+    for _, a, b, _ in shape.expert_linears():
+        if quant is None:
+            expert_bytes += shape.layers * shape.experts * cb * a * b
+        else:
+            packed, const = quantized_bytes(a * b, b, quant)
+            expert_bytes += shape.layers * shape.experts * (packed + const)
+            qbytes += shape.layers * shape.experts * packed
+            qconst += shape.layers * shape.experts * const
+    if quant is None:
+        unquant += expert_bytes
+    unquant += cb * shape.layers * shape.experts * shape.hidden  # the routers, never quantised
+
     chosen = target_layers(shape, lora.targets)
     sizes = [n for _, a, b in chosen for n in (lora.r * a, lora.r * b)]
+    if lora.target_experts and shape.experts:  # PEFT's layout: A (r * experts) x in, B out x (r * experts)
+        sizes += [lora.r * shape.experts * n for _ in range(shape.layers)
+                  for _, a, b, _ in shape.expert_linears() for n in (a, b)]
+    elif lora.target_experts:
+        raise QLoraKitError(f"target_experts=True, but {shape.name} has no experts: drop target_experts")
     trainable = sum(sizes)
     targeted = {name.rsplit(".", 1)[-1] for name, *_ in chosen}
 
@@ -374,6 +395,14 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     }
     peak = "while the loss runs (head + cross-entropy)" if loss_peak else "during a decoder block's backward pass"
     notes = [f"peak {peak}"]
+    moe = {}
+    if shape.experts:
+        moe = {"experts": shape.experts, "experts_per_token": shape.experts_per_token,
+               "active_parameters": shape.active_parameters(), "expert_weight_bytes": expert_bytes}
+        notes.append(f"{shape.experts} experts per block, {shape.experts_per_token} active per token: "
+                     f"{shape.parameters() / 1e9:.1f}B parameters, {shape.active_parameters() / 1e9:.1f}B active; "
+                     f"experts hold {expert_bytes / GiB:.2f} GiB of the weights; activations are planned as a dense "
+                     f"MLP of width {shape.mlp_width} (top-k experts{' plus the shared one' if shape.shared_intermediate else ''})")
     if shape.family not in FAMILIES:
         notes.append(f"model_type {shape.family!r} is planned as a Llama-style decoder (q/k/v/o, gate/up/down)")
     if optimizer.startswith("paged") and device == "cuda":
@@ -393,7 +422,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     inputs = dict(model_or_config=shape, quant=quant, lora=lora, batch=batch, seq_len=seq_len,
                   gradient_checkpointing=blocks, optimizer=optimizer, device=device,
                   chunk_tokens=chunk_tokens, dtype=cdtype)
-    return MemoryPlan(shape.name, settings, components, shape.parameters(), trainable, notes, inputs)
+    return MemoryPlan(shape.name, settings, components, shape.parameters(), trainable, notes, inputs, moe)
 
 
 def _check_settings(shape: ModelShape, lora: LoraConfig, batch: int, seq_len: int, optimizer: str,

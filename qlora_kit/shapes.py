@@ -37,33 +37,73 @@ class ModelShape:
     norms_per_layer: int = 2      # gemma 2/3 have four
     qk_norm: bool = False         # qwen3 / gemma 3 normalise q and k per head
     rotary_tables: int = 1        # gemma 3 has a local and a global rotary embedding
+    # mixtures of experts (every block sparse): experts per block, experts per token, expert width,
+    # and Qwen2-MoE's always-on shared expert (its width; it has a sigmoid gate of its own)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     def linears(self) -> list[tuple[str, int, int, bool]]:
-        """(module path inside a block, in_features, out_features, has_bias) for one decoder block."""
+        """(module path inside a block, in_features, out_features, has_bias) for one decoder block's
+        linear layers (an MoE block's experts are in expert_linears)."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return [
+        attention = [
             ("self_attn.q_proj", h, q, self.qkv_bias),
             ("self_attn.k_proj", h, kv, self.qkv_bias),
             ("self_attn.v_proj", h, kv, self.qkv_bias),
             ("self_attn.o_proj", q, h, self.o_bias),
+        ]
+        if self.experts:
+            si = self.shared_intermediate
+            return attention + ([("mlp.shared_expert.gate_proj", h, si, False), ("mlp.shared_expert.up_proj", h, si, False),
+                                 ("mlp.shared_expert.down_proj", si, h, False), ("mlp.shared_expert_gate", h, 1, False)]
+                                if si else [])
+        return attention + [
             ("mlp.gate_proj", h, i, self.mlp_bias),
             ("mlp.up_proj", h, i, self.mlp_bias),
             ("mlp.down_proj", i, h, self.mlp_bias),
         ]
 
+    def expert_linears(self) -> list[tuple[str, int, int, bool]]:
+        """One expert's projections (there are `experts` of each per block), as transformers fuses them."""
+        if not self.experts:
+            return []
+        h, ei = self.hidden, self.expert_intermediate
+        return [("mlp.experts.gate_up_proj", h, 2 * ei, False), ("mlp.experts.down_proj", ei, h, False)]
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP width a token's activations see: a dense MLP's, or top-k experts plus the shared one
+        (an MoE block's activations are planned as a dense MLP of that width)."""
+        if not self.experts:
+            return self.intermediate
+        return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
+
+    def expert_parameters(self) -> int:
+        """Parameters of one block's experts (all of them), without the router."""
+        return self.experts * sum(a * b for _, a, b, _ in self.expert_linears())
+
     def parameters(self) -> int:
-        """Total parameter count (an embedding tied to the head counts once)."""
+        """Total parameter count (an embedding tied to the head counts once; every expert counts)."""
         per_layer = sum(i * o + (o if b else 0) for _, i, o, b in self.linears())
         per_layer += self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer += self.expert_parameters() + self.experts * self.hidden  # experts and router
         head = 0 if self.tied else self.vocab * self.hidden
         return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
+
+    def active_parameters(self) -> int:
+        """Parameters one token computes with: the experts it is routed to, not all of them."""
+        idle = (self.experts - self.experts_per_token) * sum(a * b for _, a, b, _ in self.expert_linears())
+        return self.parameters() - self.layers * idle
 
 
 # family -> (default tie_word_embeddings, norms per layer, q/k norm, rotary tables)
 FAMILIES = {
     "llama": (False, 2, False, 1), "mistral": (False, 2, False, 1), "qwen2": (False, 2, False, 1),
     "qwen3": (True, 2, True, 1), "gemma": (True, 2, False, 1), "gemma2": (True, 4, False, 1),
-    "gemma3_text": (True, 4, True, 2),
+    "gemma3_text": (True, 4, True, 2), "mixtral": (False, 2, False, 1), "qwen2_moe": (False, 2, False, 1),
+    "qwen3_moe": (False, 2, True, 1),
 }
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -86,16 +126,20 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     hidden = int(config["hidden_size"])
     tied = config.get("tie_word_embeddings")
     attention_bias = bool(config.get("attention_bias", False))
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     return ModelShape(
         name=name, family=family, hidden=hidden, intermediate=int(config["intermediate_size"]),
         layers=int(config["num_hidden_layers"]), heads=heads,
         kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
         tied=tied_default if tied is None else bool(tied),
-        qkv_bias=True if family == "qwen2" else attention_bias,
-        o_bias=False if family == "qwen2" else attention_bias,
+        qkv_bias=True if family in ("qwen2", "qwen2_moe") else attention_bias,
+        o_bias=False if family in ("qwen2", "qwen2_moe") else attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
-        norms_per_layer=norms, qk_norm=qk_norm, rotary_tables=rotary)
+        norms_per_layer=norms, qk_norm=qk_norm, rotary_tables=rotary,
+        experts=experts, experts_per_token=int(config.get("num_experts_per_tok") or 0) if experts else 0,
+        expert_intermediate=int(config.get("moe_intermediate_size") or config["intermediate_size"]) if experts else 0,
+        shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0) if experts else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +177,10 @@ PRESETS: dict[str, dict] = {
     "gemma-3-4b": _p("gemma3_text", 2560, 10240, 34, 8, 4, 262208, head_dim=256),
     "gemma-3-12b": _p("gemma3_text", 3840, 15360, 48, 16, 8, 262208, head_dim=256),
     "gemma-3-27b": _p("gemma3_text", 5376, 21504, 62, 32, 16, 262208, head_dim=128),
+    # Mixtures of experts: intermediate is each expert's width (Mixtral) or the dense one (Qwen)
+    "mixtral-8x7b": _p("mixtral", 4096, 14336, 32, 32, 8, 32000, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": _p("qwen3_moe", 2048, 6144, 48, 32, 4, 151936, head_dim=128, num_experts=128,
+                        num_experts_per_tok=8, moe_intermediate_size=768),
 }
 
 

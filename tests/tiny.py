@@ -56,12 +56,12 @@ ARCHS = {
     "llama3-rope": dict(model_type="llama", rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64)),
-    # mixture of experts: checkpoints keep one tensor per expert
+    # Mixtures of experts: 4 experts, top-2; expert widths 88 / 56 are not multiples of 32 either.
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
-    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48),
-    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      head_dim=16, norm_topk_prob=True),  # as Qwen3-30B-A3B
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=56,
+                      shared_expert_intermediate_size=88, decoder_sparse_step=1, norm_topk_prob=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=56,
+                      decoder_sparse_step=1, norm_topk_prob=True, head_dim=16),
 }
 
 
@@ -86,7 +86,7 @@ def make_model_dir(out: Path, arch: str = "llama", seed: int = 0, dtype=torch.bf
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # larger weights than the default init, so 4-bit error and LoRA effects show
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3: fused expert weights of MoE models
                 p.normal_(0, 0.1)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

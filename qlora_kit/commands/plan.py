@@ -21,7 +21,10 @@ def register(sub) -> None:
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", default="all-linear",
                    help="'all-linear', comma-separated module suffixes (q_proj,v_proj) or a regex")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 saves its activations)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="LoRA dropout (0 saves its activations); default 0.05, or 0 with --target-experts")
+    p.add_argument("--target-experts", action="store_true",
+                   help="MoE models: adapters on every expert too (lora.target_experts)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
@@ -53,7 +56,9 @@ def build_plan(args):
 
     quant = None if args.bits == 16 else QuantConfig(bits=args.bits, quant_type=args.quant_type,
                                                      double_quant=not args.no_double_quant)
-    lora = LoraConfig(r=args.r, dropout=args.dropout, targets=_targets(args.targets), dtype=args.adapter_dtype)
+    dropout = args.dropout if args.dropout is not None else (0.0 if args.target_experts else 0.05)
+    lora = LoraConfig(r=args.r, dropout=dropout, targets=_targets(args.targets), dtype=args.adapter_dtype,
+                      target_experts=args.target_experts)
     checkpointing = args.checkpoint_blocks if args.checkpoint_blocks is not None else not args.no_gradient_checkpointing
     plan = plan_memory(args.model, quant, lora, batch=args.batch, seq_len=args.seq_len,
                        gradient_checkpointing=checkpointing, optimizer=args.optimizer, device=args.device)

@@ -95,7 +95,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         }
         if verify:
             report["verify"] = verify_export(tmp, job.base, job.adapter, job.quant, dtype, job.merge_into, job.files,
-                                             job.pairs, job.lora, job.states)
+                                             job.pairs, job.lora, job.states, experts=job.experts)
         report["times_s"] = {"merge": round(merged_s, 3), "verify": round(time.perf_counter() - started - merged_s, 3),
                              "total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -24,9 +24,10 @@ from ..loading import build_empty_model, load_config
 from ..lora import ChangedBase, LoraConfig
 from ..models import resolve_model_path
 from ..modeltree import linear_layer_names
+from ..moe import ExpertLayout, peft_paths
 from ..quant import QuantConfig
-from ..tensorfiles import iter_safetensors, safetensors_files
-from .merge import MERGE_BASES, Merger
+from ..tensorfiles import SourceWeights, iter_safetensors, safetensors_files
+from .merge import MERGE_BASES, ExpertMerge, Merger
 from .shards import Entry, read_headers
 
 
@@ -47,10 +48,12 @@ class MergeJob:
     requested_merge_into: str
     quantised: set[str]
     states: dict[str, ChangedBase]  # {weight key: how the init changed its base} for svd/loftq adapters
+    experts: ExpertMerge | None = None  # mixture-of-experts checkpoints: per-expert tensors and expert adapters
 
     def merged_tensors(self, dtype: torch.dtype, norms: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, merged tensor in `dtype`) for every base tensor in file order, one at a time."""
-        merger = Merger(self.pairs, self.lora, self.quant, self.quantised, self.merge_into, dtype, self.states)
+        merger = Merger(self.pairs, self.lora, self.quant, self.quantised, self.merge_into, dtype, self.states,
+                        self.experts)
         for key, tensor in iter_safetensors(self.files):
             yield key, merger.merged(key, tensor, norms)
 
@@ -59,7 +62,7 @@ class MergeJob:
                 "quant": self.quant.to_dict() if self.quant is not None else None, "quant_source": self.quant_source,
                 "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "rslora": self.lora.rslora,
                          "scale": self.lora.scale, "init": self.lora.init},
-                "adapted_modules": len(self.pairs)}
+                "adapted_modules": len(self.pairs) + (len(self.experts.pairs) if self.experts else 0)}
 
 
 def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequantized",
@@ -72,20 +75,37 @@ def prepare_merge(base: str | Path, adapter: str | Path, merge_into: str = "dequ
     files = safetensors_files(base)
     record = Adapter.read(adapter)
     plan = read_headers(files)
-    quantised = quantised_keys(base)
+    model = build_empty_model(load_config(base), torch.float32)
+    quantised = quantised_keys(base, model)
     quant, quant_source = _merge_quant(record, quant, compute_dtype, _stored_dtype(plan, quantised))
     if quant is None:
         quantised = set()
-    shapes = {key.removesuffix(".weight"): shape for key, shape, _ in plan if key.endswith(".weight")}
-    pairs = {module + ".weight": ab for module, ab in record.check_fits(shapes, "base model").items()}
+    layout = ExpertLayout(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, shape, _ in plan:
+        name, piece = layout.locate(key)
+        if piece is None and name.endswith(".weight"):
+            shapes[name.removesuffix(".weight")] = shape
+    peft_to_param = {}  # PEFT's expert adapter path -> the fused parameter it adapts
+    for name, module in layout.experts.items():
+        for param, path in peft_paths(name, list(module._parameters)).items():
+            shapes[path] = tuple(module._parameters[param.rpartition(".")[2]].shape)
+            peft_to_param[path] = param
+    fits = record.check_fits(shapes, "base model")
+    pairs = {module + ".weight": ab for module, ab in fits.items() if module not in peft_to_param}
     states = {module + ".weight": changed for module, changed in record.changed.items()}
+    experts = None
+    if layout.experts:
+        expert_pairs = {peft_to_param[m]: ab for m, ab in fits.items() if m in peft_to_param}
+        experts = ExpertMerge(layout, [key for key, _, _ in plan], expert_pairs, SourceWeights(base))
     return MergeJob(base, adapter, files, plan, record.lora, pairs, quant, quant_source,
-                    merge_into if quant is not None else "original", merge_into, quantised, states)
+                    merge_into if quant is not None else "original", merge_into, quantised, states, experts)
 
 
-def quantised_keys(base: Path) -> set[str]:
-    """Weights the loader quantises (every decoder linear layer), found on an empty meta-device model."""
-    model = build_empty_model(load_config(base), torch.float32)
+def quantised_keys(base: Path, model=None) -> set[str]:
+    """Weights the loader quantises (every decoder linear layer), found on an empty meta-device model
+    (built from `base`'s config unless given). Expert weights are quantised too, by ExpertMerge's rules."""
+    model = model if model is not None else build_empty_model(load_config(base), torch.float32)
     return {name + ".weight" for name in linear_layer_names(model)}
 
 

@@ -14,11 +14,11 @@ import torch
 from ..adapters import load_adapter
 from ..errors import QLoraKitError, first_few
 from ..loading import load_model
-from ..lora import ChangedBase, LoraConfig, lora_layers
+from ..lora import ChangedBase, LoraConfig, expert_loras, lora_layers
 from ..quant import QuantConfig, QuantLinear
 from ..tensorfiles import iter_safetensors
 from .job import MergeJob, quantised_keys
-from .merge import Merger
+from .merge import ExpertMerge, Merger
 
 TOKENIZER_CHECKS = ["Hello, world! How are you today?", "  two spaces, tabs\tand\nnew lines",
                     "Zahlen 12345 und Umlaute: äöü ß, emoji 🙂", "<|im_start|>user\nhi<|im_end|>\n"]
@@ -26,7 +26,8 @@ TOKENIZER_CHECKS = ["Hello, world! How are you today?", "  two spaces, tabs\tand
 
 def verify_export(folder: Path, base: Path, adapter: Path, quant: QuantConfig | None, dtype: torch.dtype,
                   merge_into: str, files: list[Path], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  lora: LoraConfig, states: dict[str, ChangedBase] | None = None, seq_len: int = 32) -> dict:
+                  lora: LoraConfig, states: dict[str, ChangedBase] | None = None, seq_len: int = 32,
+                  experts: ExpertMerge | None = None) -> dict:
     """Load the export with transformers and compare its logits with the adapter on the quantised base.
 
     The other merge base is measured too, by swapping its weights into the loaded export."""
@@ -44,7 +45,7 @@ def verify_export(folder: Path, base: Path, adapter: Path, quant: QuantConfig | 
     errors = {merge_into: _rel_error(merged, ids, reference)}
     if quant is not None:
         other = "original" if merge_into == "dequantized" else "dequantized"
-        _swap_in(merged, files, Merger(pairs, lora, quant, quantised_keys(base), other, dtype, states))
+        _swap_in(merged, files, Merger(pairs, lora, quant, quantised_keys(base), other, dtype, states, experts))
         errors[other] = _rel_error(merged, ids, reference)
     return {"missing_keys": missing, "unexpected_keys": unexpected, "batch": list(ids.shape),
             "reference": _reference_name(quant), "logit_rel_error": errors}
@@ -124,7 +125,7 @@ def _reference_logits(base: Path, adapter: Path, quant: QuantConfig | None, ids:
         if isinstance(m, QuantLinear):
             m.compute_dtype = torch.float32  # weights still dequantise to the trained values
     load_adapter(model, adapter)
-    for layer in lora_layers(model).values():
+    for layer in [*lora_layers(model).values(), *expert_loras(model).values()]:
         layer.dtype = torch.float32
     with torch.no_grad():
         return model(ids).logits.float()
@@ -141,5 +142,8 @@ def _swap_in(model, files: list[Path], merger: Merger) -> None:
     params = model.state_dict()
     with torch.no_grad():
         for key, tensor in iter_safetensors(files):
-            if key in params:
-                params[key].copy_(merger.merged(key, tensor).float())
+            name, piece = merger.locate(key)
+            if piece is not None:  # one expert of a fused parameter (computed again for each of its pieces)
+                params[piece.param][piece.expert].copy_(merger.fused_expert(piece, key, tensor).to(merger.dtype))
+            elif name in params:
+                params[name].copy_(merger.merged(key, tensor).float())
