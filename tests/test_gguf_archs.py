@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from qlora_kit import QLoraKitError, export_gguf, export_merged
 from qlora_kit.export import format_gguf_report
 from test_export import trained_adapter
+from tiny import ARCHS
 
 QUIET = dict(progress=False)
 DENSE = ["llama", "mistral", "qwen2", "llama-tied", "llama3-rope", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
@@ -168,9 +169,10 @@ def test_experts_are_stacked_per_layer(exported, arch):
     meta, reader = fields(path), GGUFReader(path)
     name = LLAMA_CPP_ARCH[arch]
     assert meta[f"{name}.expert_count"] == 4 and meta[f"{name}.expert_used_count"] == 2
-    moe_ff = 88 if arch == "mixtral" else 32
+    spec = ARCHS[arch]   # the tiny model's expert widths
+    moe_ff = 88 if arch == "mixtral" else spec["moe_intermediate_size"]
     if arch != "mixtral":
-        assert meta[f"{name}.expert_feed_forward_length"] == 32
+        assert meta[f"{name}.expert_feed_forward_length"] == moe_ff
     stored = load_file(str(base / "model.safetensors"))
     layout = {"mixtral": "model.layers.1.block_sparse_moe.experts.{e}.w1.weight"}.get(
         arch, "model.layers.1.mlp.experts.{e}.gate_proj.weight")
@@ -181,7 +183,7 @@ def test_experts_are_stacked_per_layer(exported, arch):
     router = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_inp.weight")
     assert router.tensor_type == Q.F32
     if arch == "qwen2_moe":  # the shared expert and its gate
-        assert _tensor(reader, "blk.0.ffn_gate_shexp.weight").shape == (48, 64)
+        assert _tensor(reader, "blk.0.ffn_gate_shexp.weight").shape == (spec["shared_expert_intermediate_size"], 64)
         assert "blk.0.ffn_gate_inp_shexp.weight" in {t.name for t in reader.tensors}
     assert report["adapted_modules"] == 8
 
@@ -200,7 +202,8 @@ def test_experts_are_streamed_one_layer_at_a_time(exported, tmp_path, monkeypatc
 
     monkeypatch.setattr(gguf_export.torch, "stack", counting_stack)
     report = export_gguf(base, peft_adapter(base, tmp_path / "a"), tmp_path / "m.gguf", verify=False, **QUIET)
-    assert held == [4] * 6 and report["tensors"] == 2 * (4 + 2 + 3 + 1) + 3
+    # (torch.stack is patched for everyone: the merge's own one-expert fusing shows up as stacks of 1)
+    assert max(held) == 4 and held.count(4) == 6 and report["tensors"] == 2 * (4 + 2 + 3 + 1) + 3
 
 
 # transformers cannot read these back from GGUF: no GGUF reader for the architecture (gemma, olmo2,
