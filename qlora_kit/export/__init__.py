@@ -5,6 +5,9 @@
     shards.py  safetensors: headers, shard plan, the streaming shard writer, side files
     folder.py  export_merged: a Hugging Face folder of safetensors shards
     gguf.py    export_gguf: one GGUF file for llama.cpp, Ollama and LM Studio
+    llamacpp.py  the calls into llama.cpp: its quantiser (K-quants) and its logits
+    ollama.py  export_ollama: model.gguf and a Modelfile with the chat template in Ollama's syntax
+    heldout.py held-out perplexity of the adapter, the merged model and the GGUF in llama.cpp
     target.py  where an export may be written, and whether it fits
     verify.py  reading an export back against the adapter on its quantised base
     report.py  the reports as text
@@ -14,8 +17,9 @@ from .folder import EXPORT_DTYPES, export_merged
 from .gguf import GGUF_TYPES, export_gguf
 from .job import MergeJob, prepare_merge
 from .merge import MERGE_BASES
+from .ollama import export_ollama
 from .report import format_gguf_report, format_report
 from .verify import verify_export, verify_gguf
 
-__all__ = ["export_merged", "export_gguf", "format_report", "format_gguf_report", "prepare_merge", "MergeJob",
+__all__ = ["export_merged", "export_gguf", "export_ollama", "format_report", "format_gguf_report", "prepare_merge", "MergeJob",
            "verify_export", "verify_gguf", "MERGE_BASES", "EXPORT_DTYPES", "GGUF_TYPES"]
