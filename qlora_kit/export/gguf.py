@@ -79,6 +79,7 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     import numpy as np
 
     started = time.perf_counter()
+    gguf_type = str(gguf_type).lower()  # llama.cpp's tools spell them Q4_K_M
     if gguf_type not in GGUF_TYPES:
         raise QLoraKitError(f"unknown GGUF type {gguf_type!r}{closest(str(gguf_type), GGUF_TYPES)}: "
                             f"use one of {', '.join(GGUF_TYPES)}")
