@@ -23,9 +23,11 @@ WIDE = dict(hidden=256, intermediate=512, heads=4, kv_heads=2)
 # The quantised matrices' types llama.cpp chose (types as in its llama_tensor_get_type): Q4_K_M and
 # Q5_K_M keep the output matrix and, in a 2-layer model, both layers' attn_v and ffn_down at Q6_K.
 EXPECTED = {"q4_k_m": (Q.Q4_K, Q.Q6_K), "q5_k_m": (Q.Q5_K, Q.Q6_K), "q6_k": (Q.Q6_K, Q.Q6_K)}
-# Relative error of llama.cpp's logits against the fp32 merged model in transformers, on the wide tiny
-# model with weights of std 0.1. Measured: (filled in below by the measurement run)
-TOLERANCE = {"q4_k_m": 0.12, "q5_k_m": 0.06, "q6_k": 0.03, "f16": 3e-3}
+# Relative error of llama.cpp's logits against the fp32 merged model in transformers on 48 tokens.
+# Measured on the wide tiny model: f16 1.9e-3, q8_0 4.6e-2, q6_k 0.14, q5_k_m 0.24, q4_k_m 0.47. Its
+# random weights (std 0.1) amplify weight error about tenfold into the logits (q8_0's is about 4e-3);
+# SmolLM2's trained weights do not (README). Logits unrelated to the reference would be about 1.4.
+TOLERANCE = {"q4_k_m": 0.65, "q5_k_m": 0.35, "q6_k": 0.2, "f16": 3e-3}
 RECORDS = [{"messages": [{"role": "user", "content": "what is the capital of france?"},
                          {"role": "assistant", "content": "paris is the capital of france."}]},
            {"text": "the quick brown fox jumps over the lazy dog"},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -142,8 +143,8 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
 
 def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str, overwrite: bool,
                       verify: bool, eval_file: str | Path | bool | None, eval_tokens: int, **merge) -> dict:
-    """A K-quant: the merged f16 file beside `out`, quantised by llama.cpp into `out` (atomically);
-    the f16 file is removed whether that worked or not.
+    """A K-quant: the merged f16 file in a temporary folder beside `out`, quantised by llama.cpp into
+    `out` (atomically); the f16 file is removed whether that worked or not.
 
     f16 rather than bf16 as the source: llama.cpp quantises from either, and f16 keeps 3 more bits of
     each merged weight; the f16 file's own check (verify) caught an overflow if there were one."""
@@ -153,9 +154,11 @@ def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gg
         raise QLoraKitError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
     check_export_target(out, base, adapter, overwrite, ours=is_gguf_export,
                         what="a GGUF file qlora_kit wrote (it carries a qlora_kit.export key)")
-    source = tmp_path(out)
+    scratch = tmp_path(out)  # a folder under a temporary name: the next export sweeps it if this one is killed
+    source = scratch / out.name
     with atomic_file(out) as tmp:
         try:
+            scratch.mkdir()
             report = export_gguf(base, adapter, source, gguf_type="f16", verify=verify, eval_file=False, **merge)
             started = time.perf_counter()
             llamacpp.quantize(source, tmp, gguf_type)
@@ -163,7 +166,7 @@ def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gg
             if verify:
                 report["verify"]["llama_cpp"] = verify_quantised(tmp, source)
         finally:
-            source.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         job = prepare_merge(base, adapter, merge["merge_into"], merge["quant"], merge["compute_dtype"])
         report["heldout"] = heldout_report(job, eval_file, eval_tokens, tmp)
         report |= {"out": str(out), "gguf_type": gguf_type, "quantised_from": {"type": "f16",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
     with _quiet(llama_cpp):
         code = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if code != 0:
-        raise QLoraKitError(f"llama.cpp could not quantise {src} to {gguf_type} (code {code}); its log, shown "
-                            "with QLORA_KIT_LLAMA_LOG=1, says why")
+        raise QLoraKitError(f"llama.cpp could not quantise {src} to {gguf_type} (code {code}); its log (all of it "
+                            "with QLORA_KIT_LLAMA_LOG=1) says why")
 
 
 class LlamaCpp:
@@ -99,16 +100,13 @@ class LlamaCpp:
 
 @contextlib.contextmanager
 def _quiet(llama_cpp):
-    """llama.cpp logs every tensor it quantises or loads to stderr, hundreds of lines for a small
-    model; they are dropped unless QLORA_KIT_LLAMA_LOG=1 asks for them."""
-    if os.environ.get("QLORA_KIT_LLAMA_LOG") == "1":
-        yield
-        return
-    drop = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(drop, ctypes.c_void_p(0))
+    """llama.cpp logs every tensor it quantises or loads, hundreds of lines for a small model, through
+    llama-cpp-python's logger: only its errors are shown, unless QLORA_KIT_LLAMA_LOG=1 asks for all."""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    if os.environ.get("QLORA_KIT_LLAMA_LOG") != "1":
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        restore = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
-        if restore is not None:
-            llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
+        logger.setLevel(level)
