@@ -150,6 +150,20 @@ def test_f16_in_llama_cpp_and_heldout_perplexity_of_the_gguf(wide, tmp_path):
     assert "the GGUF file in llama.cpp" in format_gguf_report(report)
 
 
+def test_rows_not_filling_super_blocks_fall_back_and_the_report_says_so(tiny_dirs, tmp_path):
+    """The usual tiny model (hidden 64, intermediate 88): llama.cpp stores what it cannot K-quantise as
+    Q5_0 / Q8_0 (rows of 64) or F16 (rows of 88, not even whole 32-weight blocks), and the file still runs."""
+    pytest.importorskip("llama_cpp")
+    base = tiny_dirs("llama")
+    trained_adapter(base, tmp_path / "a")
+    report = export_gguf(base, tmp_path / "a", tmp_path / "m.gguf", gguf_type="q4_k_m", eval_file=False, **QUIET)
+    fallbacks = report["k_fallbacks"]
+    assert fallbacks["blk.0.attn_q.weight"] == "Q5_0" and fallbacks["blk.0.ffn_down.weight"] == "F16"
+    assert len(fallbacks) == 16  # every matrix: 7 per layer, the embedding and the output
+    assert "fallback:   16 matrices" in format_gguf_report(report)
+    assert report["verify"]["llama_cpp"]["logit_rel_error"] < 0.3  # measured 0.17 (Q5_0 and better)
+
+
 def test_failed_quantisation_leaves_nothing(wide, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     base, adapter, _ = wide

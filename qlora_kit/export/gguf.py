@@ -170,7 +170,8 @@ def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gg
         job = prepare_merge(base, adapter, merge["merge_into"], merge["quant"], merge["compute_dtype"])
         report["heldout"] = heldout_report(job, eval_file, eval_tokens, tmp)
         report |= {"out": str(out), "gguf_type": gguf_type, "quantised_from": {"type": "f16",
-                   "bytes": report["out_bytes"]}, "out_bytes": tmp.stat().st_size, "f16_fallbacks": []}
+                   "bytes": report["out_bytes"]}, "out_bytes": tmp.stat().st_size, "f16_fallbacks": [],
+                   "k_fallbacks": k_quant_fallbacks(tmp)}
     report["times_s"] |= {"quantise": round(quantised_s, 3),
                           "total": round(report["times_s"]["total"] + time.perf_counter() - started, 3)}
     return report
@@ -185,6 +186,15 @@ def verify_quantised(path: Path, source: Path, seq_len: int = 32) -> dict:
         logits = torch.from_numpy(model.logits(ids))
     error = torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference)
     return {"reference": "the merged f16 file in llama.cpp", "tokens": seq_len, "logit_rel_error": float(error)}
+
+
+def k_quant_fallbacks(path: Path) -> dict[str, str]:
+    """{tensor: type} for the matrices llama.cpp stored in another type than a K-quant: those whose rows
+    do not fill whole 256-weight super-blocks (it then picks Q5_0, Q8_0 or F16, and says so in its log)."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors
+            if len(t.shape) > 1 and not t.tensor_type.name.endswith("_K")}
 
 
 def gguf_vocab_size(path: Path) -> int:

@@ -57,6 +57,10 @@ def format_gguf_report(report: dict) -> str:
     if report["f16_fallbacks"]:
         lines.append(f"f16:        {len(report['f16_fallbacks'])} matrices whose rows are not a multiple of 32 "
                      f"({first_few(report['f16_fallbacks'], 3)})")
+    if report.get("k_fallbacks"):
+        fallbacks = report["k_fallbacks"]
+        lines.append(f"fallback:   {len(fallbacks)} matrices whose rows are not a multiple of 256, stored by llama.cpp "
+                     f"in another type ({first_few(f'{n} {t}' for n, t in fallbacks.items())})")
     v = report["verify"]
     if v is None:
         lines.append("verify:     skipped")
