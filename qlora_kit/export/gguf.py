@@ -147,7 +147,7 @@ def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gg
     `out` (atomically); the f16 file is removed whether that worked or not.
 
     f16 rather than bf16 as the source: llama.cpp quantises from either, and f16 keeps 3 more bits of
-    each merged weight; the f16 file's own check (verify) caught an overflow if there were one."""
+    each merged weight; the f16 file's own check (verify) would see an overflow."""
     llamacpp.require(f"--gguf-type {gguf_type}")  # before minutes of merging, not after
     out = Path(out)
     if out.suffix != ".gguf":
@@ -164,43 +164,17 @@ def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gg
             llamacpp.quantize(source, tmp, gguf_type)
             quantised_s = time.perf_counter() - started
             if verify:
-                report["verify"]["llama_cpp"] = verify_quantised(tmp, source)
+                report["verify"]["llama_cpp"] = llamacpp.compare(tmp, source)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         job = prepare_merge(base, adapter, merge["merge_into"], merge["quant"], merge["compute_dtype"])
         report["heldout"] = heldout_report(job, eval_file, eval_tokens, tmp)
         report |= {"out": str(out), "gguf_type": gguf_type, "quantised_from": {"type": "f16",
                    "bytes": report["out_bytes"]}, "out_bytes": tmp.stat().st_size, "f16_fallbacks": [],
-                   "k_fallbacks": k_quant_fallbacks(tmp)}
+                   "k_fallbacks": llamacpp.fallbacks(tmp)}
     report["times_s"] |= {"quantise": round(quantised_s, 3),
                           "total": round(report["times_s"]["total"] + time.perf_counter() - started, 3)}
     return report
-
-
-def verify_quantised(path: Path, source: Path, seq_len: int = 32) -> dict:
-    """Logits of the quantised file against the f16 file it was made from, both in llama.cpp."""
-    ids = torch.randint(0, gguf_vocab_size(source), (seq_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    with llamacpp.LlamaCpp(source, n_ctx=seq_len) as model:
-        reference = torch.from_numpy(model.logits(ids))
-    with llamacpp.LlamaCpp(path, n_ctx=seq_len) as model:
-        logits = torch.from_numpy(model.logits(ids))
-    error = torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference)
-    return {"reference": "the merged f16 file in llama.cpp", "tokens": seq_len, "logit_rel_error": float(error)}
-
-
-def k_quant_fallbacks(path: Path) -> dict[str, str]:
-    """{tensor: type} for the matrices llama.cpp stored in another type than a K-quant: those whose rows
-    do not fill whole 256-weight super-blocks (it then picks Q5_0, Q8_0 or F16, and says so in its log)."""
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors
-            if len(t.shape) > 1 and not t.tensor_type.name.endswith("_K")}
-
-
-def gguf_vocab_size(path: Path) -> int:
-    from gguf import GGUFReader
-
-    return len(GGUFReader(path).fields["tokenizer.ggml.tokens"].contents())
 
 
 @contextlib.contextmanager

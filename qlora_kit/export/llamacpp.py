@@ -2,7 +2,9 @@
 
     available() / require()   is the optional extra installed? (require: else a QLoraKitError saying how)
     quantize(src, dst, type)  llama.cpp's own quantiser: an f16 GGUF -> Q4_K_M, Q5_K_M, Q6_K, ...
-    LlamaCpp(path)            a GGUF loaded in llama.cpp: next-token logits and log-probabilities of ids
+    fallbacks(path)           the matrices a K-quant file stores in another type (rows too short)
+    LlamaCpp(path)            a GGUF loaded in llama.cpp: next-token logits of token ids
+    compare(path, reference)  relative logit error of one GGUF against another, both in llama.cpp
 
 Why llama.cpp's quantiser and not ours: a K-quant file is more than the block format. llama.cpp picks
 a type per tensor (Q4_K_M keeps half of attn_v and ffn_down, and the output matrix, at Q6_K), falls
@@ -68,6 +70,30 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | No
     if code != 0:
         raise QLoraKitError(f"llama.cpp could not quantise {src} to {gguf_type} (code {code}); its log (all of it "
                             "with QLORA_KIT_LLAMA_LOG=1) says why")
+
+
+def fallbacks(path: str | Path) -> dict[str, str]:
+    """{tensor: type} for the matrices llama.cpp stored in another type than a K-quant: those whose rows
+    do not fill whole 256-weight super-blocks (it then picks Q5_0, Q8_0 or F16, and says so in its log)."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors
+            if len(t.shape) > 1 and not t.tensor_type.name.endswith("_K")}
+
+
+def compare(path: str | Path, reference: str | Path, tokens: int = 32) -> dict:
+    """Relative Frobenius error of `path`'s logits against `reference`'s (a K-quant against the f16
+    file it was made from), both in llama.cpp, on `tokens` random token ids."""
+    from gguf import GGUFReader
+
+    vocab = len(GGUFReader(reference).fields["tokenizer.ggml.tokens"].contents())
+    ids = np.random.default_rng(0).integers(0, vocab, tokens).tolist()
+    with LlamaCpp(reference, n_ctx=tokens) as model:
+        expected = model.logits(ids).astype(np.float64)
+    with LlamaCpp(path, n_ctx=tokens) as model:
+        got = model.logits(ids).astype(np.float64)
+    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    return {"reference": "the merged f16 file in llama.cpp", "tokens": tokens, "logit_rel_error": float(error)}
 
 
 class LlamaCpp:
