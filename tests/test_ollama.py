@@ -243,3 +243,18 @@ def test_ollama_folder(tiny_dirs, tmp_path, capsys):
     assert "ollama create NAME -f" in capsys.readouterr().out
     with pytest.raises(QLoraKitError, match="is a folder"):
         export_ollama(base, tmp_path / "a", tmp_path / "m.gguf", **QUIET)
+
+
+@pytest.mark.slow
+def test_smollm2_modelfile(smollm2_dir):
+    """The real ChatML template with its default system prompt, as SmolLM2-135M-Instruct ships it."""
+    from qlora_kit.export.ollama import modelfile_for
+    from transformers import AutoTokenizer
+
+    modelfile = modelfile_for(smollm2_dir)
+    assert modelfile.family == "chatml" and modelfile.matches_jinja is True
+    assert modelfile.system.startswith("You are a helpful AI assistant named SmolLM")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    as_ollama_sends_it = [{"role": "system", "content": modelfile.system}, *question]
+    assert go_render(modelfile.template, as_ollama_sends_it) == jinja(tok, question)
