@@ -107,6 +107,9 @@ def test_the_runs_eval_file_is_found(tmp_path):
     (run / "eval.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
     (run / "run.json").write_text(json.dumps({"config": {"data": {"eval": "eval.jsonl"}}, "fingerprint": {}}))
     assert run_eval_file(run / "adapter") == run / "eval.jsonl"
+    dpo = {"data": {"eval": "eval.jsonl"}, "train": {"method": "dpo"}}  # its eval file holds preference pairs
+    (run / "run.json").write_text(json.dumps({"config": dpo, "fingerprint": {}}))
+    assert run_eval_file(run / "adapter") is None
     (run / "run.json").write_text(json.dumps({"config": {"data": {"eval": None}}, "fingerprint": {}}))
     assert run_eval_file(run / "adapter") is None and run_eval_file(tmp_path) is None
 

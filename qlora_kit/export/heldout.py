@@ -48,7 +48,7 @@ class HeldOut:
 
 
 def run_eval_file(adapter: str | Path) -> Path | None:
-    """The held-out file named by the run the adapter belongs to (OUT/adapter or a checkpoint's), if any."""
+    """The held-out file named by the SFT run the adapter belongs to (OUT/adapter or a checkpoint's), if any."""
     adapter = Path(adapter).resolve()
     for folder in list(adapter.parents)[:3]:
         try:
@@ -56,8 +56,8 @@ def run_eval_file(adapter: str | Path) -> Path | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         name = (config.get("data") or {}).get("eval")
-        if not name:
-            return None
+        if not name or (config.get("train") or {}).get("method", "sft") != "sft":
+            return None  # none named, or preference pairs (DPO, ORPO), which have no single reply to score
         for candidate in (Path(name), folder / name, folder.parent / name):
             if candidate.is_file():
                 return candidate
