@@ -101,6 +101,15 @@ def test_heldout_perplexity_in_the_reports(wide, tmp_path, monkeypatch):
     assert "not measured" in format_gguf_report(report)
 
 
+def test_a_bad_eval_file_fails_before_merging(wide, tmp_path):
+    base, adapter, _ = wide
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"prompt": "a preference pair?"}\n')
+    for bad, message in ((tmp_path / "missing.jsonl", "does not exist"), (tmp_path / "bad.jsonl", "line 2")):
+        with pytest.raises(QLoraKitError, match=message):
+            export_gguf(base, adapter, tmp_path / "m.gguf", eval_file=bad, **QUIET)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_the_runs_eval_file_is_found(tmp_path):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

@@ -23,7 +23,7 @@ from ..errors import QLoraKitError
 from ..io import atomic_dir, disk_full_as_error
 from ..dtypes import as_dtype, dtype_name
 from ..quant import QuantConfig
-from .heldout import DEFAULT_MAX_TOKENS, heldout_report
+from .heldout import DEFAULT_MAX_TOKENS, heldout_report, resolve_eval_file
 from .job import prepare_merge, progress_bar
 from .report import format_report
 from .shards import ShardWriter, copy_side_files, parse_size, plan_shards, shard_name, total_bytes, write_index
@@ -64,6 +64,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     if dtype not in EXPORT_DTYPES:
         raise QLoraKitError(f"export dtype {dtype_name(dtype)} is not supported: use bf16, fp16 or fp32")
     shard_limit = parse_size(max_shard_size)
+    eval_file = resolve_eval_file(eval_file, adapter)
     out = Path(out)
     check_export_target(out, base, adapter, overwrite)
     job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)

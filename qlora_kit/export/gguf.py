@@ -33,7 +33,7 @@ from ..io import atomic_file, disk_full_as_error, tmp_path
 from ..models import resolve_model_path
 from ..quant import QuantConfig
 from . import llamacpp
-from .heldout import DEFAULT_MAX_TOKENS, heldout_report
+from .heldout import DEFAULT_MAX_TOKENS, heldout_report, resolve_eval_file
 from .job import prepare_merge, progress_bar
 from .merge import MERGE_BASES
 from .shards import Entry
@@ -84,6 +84,7 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
     if gguf_type not in GGUF_TYPES:
         raise QLoraKitError(f"unknown GGUF type {gguf_type!r}{closest(str(gguf_type), GGUF_TYPES)}: "
                             f"use one of {', '.join(GGUF_TYPES)}")
+    eval_file = resolve_eval_file(eval_file, adapter)
     if gguf_type in llamacpp.QUANT_TYPES:
         return _export_quantised(base, adapter, out, gguf_type, overwrite, verify, eval_file, eval_tokens,
                                  merge_into=merge_into, quant=quant, progress=progress, compute_dtype=compute_dtype)
@@ -142,7 +143,7 @@ def export_gguf(base: str | Path, adapter: str | Path, out: str | Path, gguf_typ
 
 
 def _export_quantised(base: str | Path, adapter: str | Path, out: str | Path, gguf_type: str, overwrite: bool,
-                      verify: bool, eval_file: str | Path | bool | None, eval_tokens: int, **merge) -> dict:
+                      verify: bool, eval_file: Path | None, eval_tokens: int, **merge) -> dict:
     """A K-quant: the merged f16 file in a temporary folder beside `out`, quantised by llama.cpp into
     `out` (atomically); the f16 file is removed whether that worked or not.
 

@@ -105,13 +105,20 @@ def perplexities(job: MergeJob, heldout: HeldOut, gguf: Path | None = None) -> d
     return result
 
 
-def heldout_report(job: MergeJob, eval_file: str | Path | bool | None, max_tokens: int,
-                   gguf: Path | None = None) -> dict | None:
-    """The perplexities for an export's report: on `eval_file`, or the run's eval file when it is None;
-    None when there is no file (or eval_file is False)."""
+def resolve_eval_file(eval_file: str | Path | bool | None, adapter: str | Path) -> Path | None:
+    """The file an export evaluates: `eval_file`, or the run's when it is None, or none (False); read
+    once here, so that a missing or malformed file fails before minutes of merging, not after."""
     if eval_file is None:
-        eval_file = run_eval_file(job.adapter)
+        eval_file = run_eval_file(adapter)
     if not eval_file:
+        return None
+    read_jsonl(eval_file)
+    return Path(eval_file)
+
+
+def heldout_report(job: MergeJob, eval_file: Path | None, max_tokens: int, gguf: Path | None = None) -> dict | None:
+    """The perplexities for an export's report, or None without an eval file."""
+    if eval_file is None:
         return None
     return perplexities(job, load_heldout(eval_file, job.base, max_tokens), gguf)
 
