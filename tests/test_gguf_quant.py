@@ -22,8 +22,8 @@ QUIET = dict(progress=False)
 # K-quants fill 256-weight super-blocks along each row: the tiny model is widened so every matrix has
 # whole ones (hidden 256, intermediate 512; vocab 320 rows of 256).
 WIDE = dict(hidden=256, intermediate=512, heads=4, kv_heads=2)
-# The quantised matrices' types llama.cpp chose (types as in its llama_tensor_get_type): Q4_K_M and
-# Q5_K_M keep the output matrix and, in a 2-layer model, both layers' attn_v and ffn_down at Q6_K.
+# (type of most matrices, type of the output matrix) as llama.cpp chooses them: the _M mixes keep the
+# output matrix (and some attn_v / ffn_down) at Q6_K.
 EXPECTED = {"q4_k_m": (Q.Q4_K, Q.Q6_K), "q5_k_m": (Q.Q5_K, Q.Q6_K), "q6_k": (Q.Q6_K, Q.Q6_K)}
 # Relative error of llama.cpp's logits against the fp32 merged model in transformers on 48 tokens.
 # Measured on the wide tiny model: f16 1.9e-3, q8_0 4.6e-2, q6_k 0.14, q5_k_m 0.24, q4_k_m 0.47. Its
