@@ -7,7 +7,8 @@
     ...train (or qk.train("run.yaml"))...
     qk.save_adapter(model, "out/adapter")                                          # PEFT layout
     qk.export_merged("path/to/hf-model", "out/adapter", "out/merged")              # streaming merge
-    qk.export_gguf("path/to/hf-model", "out/adapter", "out/model.gguf")            # for llama.cpp / Ollama
+    qk.export_gguf("path/to/hf-model", "out/adapter", "out/model.gguf")            # for llama.cpp / LM Studio
+    qk.export_ollama("path/to/hf-model", "out/adapter", "out/ollama", gguf_type="q4_k_m")  # + Modelfile
 
 The flow is one way: load (quantise) -> add adapters -> train -> save adapter -> merge/export.
 """
@@ -15,7 +16,7 @@ The flow is one way: load (quantise) -> add adapters -> train -> save adapter ->
 from .adapt import add_lora, merge_lora, merged_state_dict, trainable_parameters
 from .adapters import Adapter, load_adapter, read_adapter, save_adapter, to_plain_lora
 from .errors import QLoraKitError
-from .export import export_gguf, export_merged
+from .export import export_gguf, export_merged, export_ollama
 from .fit import check_fits, fit_table
 from .loading import load_model, set_gradient_checkpointing
 from .lora import LoraConfig, LoraLinear, lora_delta, lora_layers, lora_state_dict
@@ -28,7 +29,7 @@ from .trainer import train
 __all__ = [
     "QuantConfig", "LoraConfig", "QLoraKitError",
     "load_model", "add_lora", "set_gradient_checkpointing", "train",
-    "save_adapter", "load_adapter", "read_adapter", "Adapter", "export_merged", "export_gguf",
+    "save_adapter", "load_adapter", "read_adapter", "Adapter", "export_merged", "export_gguf", "export_ollama",
     "merge_lora", "merged_state_dict", "lora_delta", "lora_layers", "lora_state_dict",
     "trainable_parameters", "smollm2_path", "fetch_model", "QuantLinear", "LoraLinear",
     "plan_memory", "MemoryPlan", "check_fits", "fit_table",

