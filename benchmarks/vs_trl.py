@@ -96,6 +96,8 @@ def child_trl(args) -> dict:
     from qlora_kit.dtypes import resolve_dtype
     from qlora_kit.models import smollm2_path
 
+    # torch reports a backward through an op without an autograd kernel (bitsandbytes' gemv_4bit) as a
+    # Python UserWarning; "always" so that it is kept however often it repeats, and still shown.
     caught: list[str] = []
     warnings.simplefilter("always")
     shown = warnings.showwarning
@@ -148,7 +150,7 @@ def child_trl(args) -> dict:
         model=model, args=config, processing_class=tokenizer, peft_config=lora, callbacks=[Callbacks()],
         train_dataset=Dataset.from_list([as_prompt_completion(r) for r in train]),
         eval_dataset=Dataset.from_list([as_prompt_completion(r) for r in held]))
-    if args.eval_first:
+    if args.eval_first:  # the held-out loss before training, as a user measures it: one eval-mode, no-grad pass
         trainer.evaluate()
     output = trainer.train()
     adapter = Path(args.out) / f"{args.child}-adapter"
@@ -159,11 +161,13 @@ def child_trl(args) -> dict:
     return {"adapter": str(adapter), "wall_s": wall, "step_s": clock.total, "steps": trainer.state.global_step,
             "real_tokens": trainer.real_tokens, "losses": losses, "train_runtime_s": output.metrics["train_runtime"],
             "compute_dtype": str(dtype), "gradients": check.report(),
-            "gradient_checkpointing": getattr(config, "activation_checkpointing", None), "gemv_4bit_warnings": gemv[:3],
-            "gemv_4bit_warned": bool(gemv)}
+            "gradient_checkpointing": getattr(config, "activation_checkpointing", None), "gemv_4bit_warnings": len(gemv),
+            "gemv_4bit_warning": gemv[0][:400] if gemv else None, "gemv_4bit_warned": bool(gemv)}
 
 
 class StepClock:
+    """Seconds spent inside optimiser steps (forward, backward, update), summed over the run."""
+
     def __init__(self):
         self.total, self._t = 0.0, None
 
