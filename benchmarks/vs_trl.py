@@ -33,11 +33,11 @@ Measured, per training side:
   peak RSS      the child's resident-memory high-water mark (wait4's ru_maxrss);
   gradients     (TRL sides) at the first optimiser step, for every LoRA layer, whether lora_B's
                 gradient is non-zero (B starts at zero, so lora_A's gradient is zero at step 1 in any
-                correct run and is checked at step 2 instead), how many base layers bitsandbytes had
-                repacked for its inference kernel, and any warning that `gemv_4bit` (no autograd) was
-                back-propagated through. A side whose layers got no gradient is flagged
+                correct run and is checked once B has moved), how many base layers bitsandbytes had
+                repacked for its inference kernel (at every step), and any warning that `gemv_4bit`
+                (no autograd) was back-propagated through. A side with any of these is flagged
                 "peer not training correctly": its speed is then not a comparison, and no ratio is
-                printed as a win.
+                printed for it.
 
 Settings that cannot match (listed in results.json too): the data order and dropout masks (each
 side's own RNG, seed 0 for both), the adapters' initial A (each side's init, seeded), the warm-up
@@ -158,9 +158,11 @@ def child_trl(args) -> dict:
     wall = time.perf_counter() - started
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     gemv = [w for w in caught if "gemv_4bit" in w]
+    gradients = check.report()
+    gradients["broken"] |= bool(gemv)  # a backward through gemv_4bit drops that layer's input gradient
     return {"adapter": str(adapter), "wall_s": wall, "step_s": clock.total, "steps": trainer.state.global_step,
             "real_tokens": trainer.real_tokens, "losses": losses, "train_runtime_s": output.metrics["train_runtime"],
-            "compute_dtype": str(dtype), "gradients": check.report(),
+            "compute_dtype": str(dtype), "gradients": gradients,
             "gradient_checkpointing": getattr(config, "activation_checkpointing", None), "gemv_4bit_warnings": len(gemv),
             "gemv_4bit_warning": gemv[0][:400] if gemv else None, "gemv_4bit_warned": bool(gemv)}
 
@@ -186,7 +188,8 @@ class GradientCheck:
     lora_B starts at zero, so in a correct run lora_A's gradient (scale * B^T g x^T) is zero until B
     has moved: B's gradient is checked at the first step, A's at the first step where that layer's
     B is non-zero (with transformers' warm-up the first step's learning rate is 0, so that is step 3
-    at the earliest). Also counts the base layers bitsandbytes has repacked for its inference kernel."""
+    at the earliest). Also counts, at every step, the base layers bitsandbytes has repacked for its
+    inference kernel: an evaluation in the middle of training would repack them there."""
 
     def __init__(self, max_step: int = 12):
         self.max_step = max_step
@@ -198,14 +201,12 @@ class GradientCheck:
     def record(self, model, step: int) -> None:
         import bitsandbytes as bnb
 
-        if step > self.max_step:
-            return
         repacked = quantised = 0
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 quantised += 1
                 repacked += bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
-            if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
+            if step > self.max_step or not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
                 continue
             name = name.removeprefix("base_model.model.")
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
@@ -217,7 +218,7 @@ class GradientCheck:
 
     def report(self) -> dict:
         """Shares of LoRA layers whose lora_B (first step) or lora_A (first step after B moved) got no
-        gradient; broken when either share is above zero or nothing was checked."""
+        gradient; broken when either share is above zero, a base layer was repacked, or nothing was checked."""
         def dead(grads: dict) -> dict:
             names = sorted(n for n, g in grads.items() if g == 0.0)
             kinds: dict[str, int] = {}
@@ -226,12 +227,15 @@ class GradientCheck:
             return {"layers": len(grads), "no_gradient": len(names),
                     "no_gradient_share": len(names) / max(1, len(grads)), "no_gradient_by_projection": kinds}
 
+        repacked = {s: n for s, n in self.repacked.items() if n}
         out = {"lora_B_step1": dead(self.b_grad),
                "lora_A_after_B_moved": {**dead({n: g for n, (_, g) in self.a_grad.items()}),
                                         "at_steps": sorted({s for s, _ in self.a_grad.values()})},
-               "repacked_base_layers_by_step": self.repacked, "quantised_base_layers": self.quantised}
+               "repacked_base_layers": max(self.repacked.values(), default=0), "quantised_base_layers": self.quantised,
+               "first_step_repacked": min(repacked, default=None)}
+        # a repacked layer trains through gemv_4bit, which passes no gradient to its input
         out["broken"] = (not self.b_grad or out["lora_B_step1"]["no_gradient"] > 0
-                         or out["lora_A_after_B_moved"]["no_gradient"] > 0)
+                         or out["lora_A_after_B_moved"]["no_gradient"] > 0 or bool(repacked))
         return out
 
 
@@ -449,9 +453,9 @@ def main() -> None:
             when = f" (steps {c['at_steps']})" if "at_steps" in c else ""
             print(f"{s}: {c['no_gradient']} of {c['layers']} LoRA layers got no {what}{when}: "
                   f"{c['no_gradient_share']:.0%} {c['no_gradient_by_projection'] or ''}")
-        repacked = max(g["repacked_base_layers_by_step"].values(), default=0)
-        print(f"{s}: {repacked} of {g['quantised_base_layers']} 4-bit base layers repacked by bitsandbytes "
-              "for its inference kernel")
+        print(f"{s}: {g['repacked_base_layers']} of {g['quantised_base_layers']} 4-bit base layers repacked by "
+              "bitsandbytes for its inference kernel" +
+              (f" (from step {g['first_step_repacked']})" if g["first_step_repacked"] else ""))
         print(f"{s}: bitsandbytes/torch warned that gemv_4bit was back-propagated through: "
               f"{'YES' if raw[s]['gemv_4bit_warned'] else 'no'}")
         if g["broken"]:
