@@ -107,6 +107,11 @@ def child_trl(args) -> dict:
         shown(message, category, filename, lineno, file, line)
     warnings.showwarning = keep
 
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # keep the printout to the figures
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(SEED)
     dtype = resolve_dtype(args.dtype)
     train, held = demo_records(args.heldout)
