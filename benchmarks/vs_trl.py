@@ -373,7 +373,7 @@ def chart(results: dict, out: Path) -> None:
         values = [results["sides"][s][key] for s in sides]
         ax.bar(sides, values, color=colors[:len(sides)])
         for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     labels = ["base", *sides]
