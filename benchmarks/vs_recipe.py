@@ -1,6 +1,6 @@
 """Training speed and memory: qlora_kit against the usual transformers + peft + bitsandbytes recipe.
 
-    python benchmarks/vs_recipe.py [--preset llama-1024] [--steps 8] [--warmup 2] [--out DIR]
+    python benchmarks/vs_recipe.py [--preset llama-1024|smollm2-trivia|...] [--steps 8] [--warmup 2] [--out DIR]
                                    [--ref-dtype auto|bf16|fp32] [--profile]
 
 One invocation runs both sides on the same model folder, batch, sequence length, data, LoRA
@@ -37,7 +37,18 @@ comparison; on an AVX2-only CPU expect it to take minutes per step.
 
 Data: for random-init presets, sequences of a random 16-token motif repeated (learnable, so the
 loss falls and the two sides' losses can be compared); for `smollm2`, chatterbot-corpus
-conversations with the model's chat template. Writes results.json and chart.png to --out.
+conversations with the model's chat template, concatenated and cut into full rows.
+
+Real data (`--preset smollm2-trivia`): the demo's trivia chats (qlora_kit.demo_task, 235 training
+records) tokenised by qlora_kit's data pipeline at their own lengths, the loss on the answers only,
+8 examples a step by default (the demo's batch; --seq 128 is the demo's max length). Both sides get
+the same examples each step. Ours packs them as the trainer does (qlora_kit.data.collate: several
+examples a row of at most --seq tokens, position ids restarting per example, attention confined to
+each example); the recipe pads each batch to its longest example with an attention mask, as a
+transformers data collator does. tokens/s counts real tokens only (the examples' own tokens, no
+padding) on both sides, and the GEMM floor is counted on the same tokens.
+
+Writes results.json and chart.png to --out.
 """
 
 from __future__ import annotations
@@ -62,7 +73,9 @@ PRESETS = {  # name -> Llama shape (hidden, intermediate, layers, heads, kv head
     "llama-1024": (1024, 2816, 12, 16, 16, 32000),
     "llama-2048": (2048, 5632, 16, 16, 16, 32000),
     "smollm2": None,  # the real SmolLM2-135M-Instruct
+    "smollm2-trivia": None,  # the same model on the demo's trivia chats, real lengths, packed on our side
 }
+REAL_DATA = {"smollm2-trivia"}  # presets whose batches are whole examples of their own lengths
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT, LR = 16, 32, 0.05, 2e-4
 MIB = 2 ** 20
@@ -71,7 +84,7 @@ MIB = 2 ** 20
 # ------------------------------------------------------------------ parent: inputs
 
 def model_folder(preset: str) -> Path:
-    if preset == "smollm2":
+    if preset.startswith("smollm2"):
         from qlora_kit.models import smollm2_path
         return smollm2_path()
     folder = default_cache() / f"recipe-{preset}"
@@ -93,10 +106,15 @@ def model_folder(preset: str) -> Path:
 
 
 def make_data(folder: Path, preset: str, steps: int, batch: int, seq: int, out: Path) -> Path:
-    """input_ids of shape (steps, batch, seq), the same for both sides."""
+    """input_ids of shape (steps, batch, seq), the same for both sides; for a real-data preset, the
+    examples of each step as (input_ids, labels) lists instead (see real_examples)."""
     import torch
     from safetensors.torch import save_file
 
+    if preset in REAL_DATA:
+        path = out / "data.json"
+        path.write_text(json.dumps(real_examples(folder, steps, batch, seq)))
+        return path
     g = torch.Generator().manual_seed(0)
     if preset == "smollm2":
         import random
@@ -121,6 +139,35 @@ def make_data(folder: Path, preset: str, steps: int, batch: int, seq: int, out: 
     path = out / "data.safetensors"
     save_file({"input_ids": data}, str(path))
     return path
+
+
+def real_examples(folder: Path, steps: int, batch: int, seq: int) -> dict:
+    """`steps` batches of `batch` examples: the demo's trivia chats (qlora_kit.demo_task) tokenised by
+    qlora_kit's data pipeline, each at its own length (at most `seq`), the loss on the answers only.
+    Both sides train on exactly these examples; how each lays them out is its own business."""
+    from qlora_kit.data import build_dataset, prepare_tokenizer
+    from qlora_kit.demo_task import task_records
+    from qlora_kit.loading import load_tokenizer_from
+
+    tokenizer = prepare_tokenizer(load_tokenizer_from(folder))
+    examples = build_dataset(task_records()[0], tokenizer, max_seq_len=seq).examples
+    examples = examples * (1 + steps * batch // len(examples))
+    return {"pad_id": tokenizer.pad_token_id,
+            "steps": [examples[i * batch:(i + 1) * batch] for i in range(steps)]}
+
+
+def batches_of(data, pack_to: int | None) -> tuple[list[dict], list[int]]:
+    """Each step's batch and its real (non-pad) tokens. Synthetic data: the (batch, seq) rows, every
+    token trained. Real examples: qlora_kit's collate, packing several examples a row with positions
+    restarting per example when pack_to is given (ours), else padding each to the longest (the recipe)."""
+    import torch
+
+    from qlora_kit.data import collate
+
+    if isinstance(data, torch.Tensor):
+        return [{"input_ids": ids, "labels": ids} for ids in data], [ids.numel() for ids in data]
+    batches = [collate([tuple(e) for e in step], data["pad_id"], pack_to) for step in data["steps"]]
+    return batches, [sum(len(ids) for ids, _ in step) for step in data["steps"]]
 
 
 def make_adapter(folder: Path, out: Path) -> Path:
@@ -182,7 +229,7 @@ def _common_setup(args):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_file(args.data)["input_ids"]
+    data = json.loads(Path(args.data).read_text()) if args.data.endswith(".json") else load_file(args.data)["input_ids"]
     init = load_file(args.adapter)
     return torch, data, init
 
@@ -197,24 +244,25 @@ def _copy_init(named_layers: dict, init: dict) -> None:
             b.weight.copy_(init[f"{name}.lora_B.weight"])
 
 
-def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> dict:
+def _train_loop(torch, step_fn, params, batches, tokens, device, profile: str | None) -> dict:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     times, losses = [], []
+    steps = len(batches)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_hwm()
     rss_before = vm_rss()
     prof = None
-    for step in range(data.shape[0]):
-        if profile and step == data.shape[0] - 1:
+    for step in range(steps):
+        if profile and step == steps - 1:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
             prof.__enter__()
-        ids = data[step].to(device)
+        batch = {k: v.to(device) for k, v in batches[step].items()}
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = step_fn(ids)
+        loss = step_fn(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -223,8 +271,8 @@ def _train_loop(torch, step_fn, params, data, device, profile: str | None) -> di
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(value)
-        print(f"  step {step + 1}/{data.shape[0]}: loss {value:.4f}, {times[-1]:.2f} s", file=sys.stderr, flush=True)
-    out = {"step_s": times, "losses": losses, "train_peak_rss": vm_hwm(),
+        print(f"  step {step + 1}/{steps}: loss {value:.4f}, {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    out = {"step_s": times, "losses": losses, "tokens": tokens, "train_peak_rss": vm_hwm(),
            "rss_before_train": rss_before, "process_peak_rss": None}
     if cuda:
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -260,11 +308,12 @@ def child_ours(args) -> dict:
     model_bytes += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in packed)
     model_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
 
-    def step(ids):
-        loss, _ = loss_module(input_ids=ids, labels=ids)
+    def step(batch):
+        loss, _ = loss_module(**batch)
         return loss
 
-    result = _train_loop(torch, step, params, data, device, args.profile_to)
+    batches, tokens = batches_of(data, pack_to=args.seq)  # packs real examples; synthetic rows stay as they are
+    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to)
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=sum(m.in_features * m.out_features for m in lora_layers(model).values()),
                   compute_dtype=str(next(m.compute_dtype for m in model.modules() if hasattr(m, "qweight"))),
                   grad_norm_check=None)
@@ -301,10 +350,11 @@ def child_reference(args) -> dict:
     trainable = sum(p.numel() for p in params)
     model_bytes = model.get_memory_footprint()
 
-    def step(ids):
-        return model(input_ids=ids, labels=ids).loss
+    def step(batch):
+        return model(**batch).loss
 
-    result = _train_loop(torch, step, params, data, device, args.profile_to)
+    batches, tokens = batches_of(data, pack_to=None)  # the recipe pads each batch to its longest example
+    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to)
     lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
               if n.endswith(tuple(p + ".base_layer" for p in PROJECTIONS)))
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=lin,
@@ -317,7 +367,7 @@ def child_reference(args) -> dict:
 def run_child(side: str, args, data: Path, adapter: Path, folder: Path, dtype: str, profile: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model", str(folder), "--data", str(data),
            "--adapter", str(adapter), "--dtype", dtype, "--threads", str(args.threads or 0),
-           "--reference-allocator", args.reference_allocator]
+           "--reference-allocator", args.reference_allocator, "--seq", str(args.seq)]
     if profile:
         cmd += ["--profile-to", str(profile)]
     print(f"running {side} (compute dtype {dtype}) ...", flush=True)
@@ -333,13 +383,15 @@ def run_child(side: str, args, data: Path, adapter: Path, folder: Path, dtype: s
     return result
 
 
-def summarise(r: dict, warmup: int, floor_flops: float, vocab_hidden: int, batch: int, seq: int) -> dict:
-    timed = r["step_s"][warmup:] or r["step_s"]
-    step = statistics.median(timed)
-    tokens = batch * seq
-    flop = (6 * r["linear_params"] + 4 * vocab_hidden) * tokens
+def summarise(r: dict, warmup: int, floor_flops: float, vocab_hidden: int) -> dict:
+    """tokens/s: the median over the steps after warm-up of each step's real tokens / its time (with
+    synthetic data every token is real); the GEMM floor is counted on those real tokens too."""
+    timed = list(zip(r["step_s"], r["tokens"]))[warmup:] or list(zip(r["step_s"], r["tokens"]))
+    step = statistics.median(t for t, _ in timed)
+    rate = statistics.median(n / t for t, n in timed)
+    floor_s = statistics.median((6 * r["linear_params"] + 4 * vocab_hidden) * n / floor_flops for _, n in timed)
     last = r["losses"][-max(1, len(r["losses"]) // 4):]
-    return {"tokens_per_s": tokens / step, "step_s": step, "x_floor": step / (flop / floor_flops),
+    return {"tokens_per_s": rate, "step_s": step, "x_floor": step / floor_s,
             "train_peak_rss_mib": r["train_peak_rss"] / MIB, "process_peak_rss_mib": r["process_peak_rss"] / MIB,
             "model_mib": r["model_bytes"] / MIB, "trainable": r["trainable"], "loss_first": r["losses"][0],
             "loss_last": r["losses"][-1], "loss_tail_mean": sum(last) / len(last), "load_s": r["load_s"],
@@ -374,8 +426,10 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="llama-1024")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="sequences (real-data presets: examples) a step; "
+                   "default 4, or the demo's 8 for smollm2-trivia")
+    p.add_argument("--seq", type=int, default=None, help="tokens a row (real-data presets: the longest example, and "
+                   "our packed rows' length); default 256, or the demo's 128 for smollm2-trivia")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--dtype", default="auto", help="qlora_kit's compute dtype")
     p.add_argument("--ref-dtype", default="auto", help="the recipe's compute dtype (the usual recipe writes bf16)")
@@ -393,6 +447,9 @@ def main() -> None:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     args = p.parse_args()
+    real = args.preset in REAL_DATA
+    args.batch = args.batch or (8 if real else 4)
+    args.seq = args.seq or (128 if real else 256)
 
     if args.child:
         result = (child_ours if args.child == "ours" else child_reference)(args)
@@ -426,7 +483,7 @@ def main() -> None:
     for label, (side, dtype) in runs.items():
         prof = out / f"profile-{label}.txt" if args.profile else None
         raw[label] = run_child(side, args, data, adapter, folder, dtype, prof)
-        summary[label] = summarise(raw[label], args.warmup, flops[dtype], vocab_hidden, args.batch, args.seq)
+        summary[label] = summarise(raw[label], args.warmup, flops[dtype], vocab_hidden)
 
     ours, ref = summary["qlora_kit"], summary["reference"]
     ratios = {"tokens_per_s": ours["tokens_per_s"] / ref["tokens_per_s"],
@@ -434,7 +491,9 @@ def main() -> None:
               "process_peak_rss": ours["process_peak_rss_mib"] / ref["process_peak_rss_mib"],
               "model_bytes": ours["model_mib"] / ref["model_mib"]}
     loss_rel = abs(ours["loss_tail_mean"] - ref["loss_tail_mean"]) / abs(ref["loss_tail_mean"])
-    print(f"\n{args.preset}: batch {args.batch} x seq {args.seq}, LoRA r{R} all seven projections, "
+    shape = (f"{args.batch} examples a step (ours packed into rows of <= {args.seq} tokens, the recipe's padded "
+             f"to the longest), tokens/s on real tokens" if real else f"batch {args.batch} x seq {args.seq}")
+    print(f"\n{args.preset}: {shape}, LoRA r{R} all seven projections, "
           f"{args.steps} steps ({args.warmup} warm-up), threads {args.threads or 'default'}")
     head = f"{'':16s}{'tok/s':>8s}{'s/step':>8s}{'x floor':>9s}{'train RSS':>11s}{'peak RSS':>10s}" \
            f"{'model':>8s}{'trainable':>11s}{'loss 0':>8s}{'loss end':>9s}{'dtype':>10s}"
