@@ -14,7 +14,7 @@ What runs, each side in its own child process (imports, allocator state and peak
              records in TRL's prompt-completion form, so TRL trains on the answers only, as we do.
   trl-eval-first  (with --trl-eval-first) the same, after one `trainer.evaluate()` on the held-out
              set before training, as a user who wants a before/after loss writes it. On CPUs with
-             AVX512-BF16 that eval-mode pass is what repacks bitsandbytes' weights (shared/FACTS.md).
+             AVX512-BF16 that eval-mode pass is what repacks bitsandbytes' weights.
   qlora_kit  `qlora_kit.train` on the same records written as JSONL, with the same settings and
              everything else at its defaults (packing on, gradient checkpointing as the memory plan
              decides); no held-out evaluation while training either.

@@ -143,7 +143,7 @@ def test_merged_export_matches_the_4bit_model_with_adapter(tiny_dirs, tmp_path, 
 
 
 def test_merge_after_eval_train_eval(tiny_dirs, dtype):
-    """The repack trap (FACTS.md): eval, train, eval in one process leave the dequantised experts intact."""
+    """bitsandbytes' CPU repack trap: eval, train, eval in one process leave the dequantised experts intact."""
     model = load(tiny_dirs("mixtral"), dtype)
     before = merged_state_dict(model)["model.layers.0.mlp.experts.gate_up_proj"]
     add_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0, target_experts=True, dtype=dtype))
