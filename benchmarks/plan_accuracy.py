@@ -117,6 +117,7 @@ def child(folder: str, seq_len: int, optimizer: str, dtype: str) -> dict:
     torch.set_num_threads(2)
     from qlora_kit import add_lora, load_model, set_gradient_checkpointing
     from qlora_kit.losses import causal_lm_loss
+    from qlora_kit.memory import release_freed_memory
 
     quant, lora = settings(dtype)
     model, _ = load_model(folder, quant, load_tokenizer=False, progress=False)
@@ -138,6 +139,7 @@ def child(folder: str, seq_len: int, optimizer: str, dtype: str) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        release_freed_memory()  # as the trainer does after each step
     return {"peak_rss": vm_hwm(), "rss_before_steps": rss_before, "seconds": time.perf_counter() - start,
             "compute_dtype": str(model.get_input_embeddings().weight.dtype)}
 

@@ -26,9 +26,10 @@ recipe does. Ours: `load_model` + `add_lora` + `set_gradient_checkpointing` + th
 module and optimiser (the same pieces `qlora_kit.train` runs each step), also torch AdamW here so
 the update rule is identical.
 
-Host memory: qlora_kit's loader fixes glibc's mmap threshold so that freed blocks leave the
-resident set (qlora_kit.memory); the recipe runs with glibc's default unless
---reference-allocator qlora_kit gives it the same setting, which separates that effect.
+Host memory: qlora_kit trims glibc's heap after each step, so that the step's freed blocks are
+reused within it and leave the resident set between steps (qlora_kit.memory); the recipe runs
+with glibc's default unless --reference-allocator qlora_kit gives it the same, which separates
+that effect. QLORA_KIT_MALLOC_THRESHOLD in the environment reaches both children.
 
 Compute dtype: "auto" gives both sides the dtype this device multiplies fastest (bf16 on GPUs and
 CPUs with AVX512-BF16/AMX; fp32 on AVX2-only CPUs, where a bf16 matmul is emulated and >100x
@@ -244,7 +245,7 @@ def _copy_init(named_layers: dict, init: dict) -> None:
             b.weight.copy_(init[f"{name}.lora_B.weight"])
 
 
-def _train_loop(torch, step_fn, params, batches, tokens, device, profile: str | None) -> dict:
+def _train_loop(torch, step_fn, params, batches, tokens, device, profile: str | None, after_step=None) -> dict:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     times, losses = [], []
     steps = len(batches)
@@ -267,6 +268,8 @@ def _train_loop(torch, step_fn, params, batches, tokens, device, profile: str | 
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = loss.item()
+        if after_step is not None:
+            after_step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -288,6 +291,7 @@ def child_ours(args) -> dict:
     from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model
     from qlora_kit import lora_layers, trainable_parameters
     from qlora_kit.loading import set_gradient_checkpointing
+    from qlora_kit.memory import release_freed_memory
     from qlora_kit.trainer import LossModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -313,7 +317,8 @@ def child_ours(args) -> dict:
         return loss
 
     batches, tokens = batches_of(data, pack_to=args.seq)  # packs real examples; synthetic rows stay as they are
-    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to)
+    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to,
+                         after_step=release_freed_memory)  # as the trainer does after each step
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=sum(m.in_features * m.out_features for m in lora_layers(model).values()),
                   compute_dtype=str(next(m.compute_dtype for m in model.modules() if hasattr(m, "qweight"))),
                   grad_norm_check=None)
@@ -329,9 +334,11 @@ def child_reference(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
+    after_step = None
     if args.reference_allocator == "qlora_kit":
-        from qlora_kit.memory import return_freed_memory
-        return_freed_memory()
+        from qlora_kit.memory import configure_allocator, release_freed_memory
+        configure_allocator()
+        after_step = release_freed_memory
     t = time.perf_counter()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
@@ -354,7 +361,7 @@ def child_reference(args) -> dict:
         return model(**batch).loss
 
     batches, tokens = batches_of(data, pack_to=None)  # the recipe pads each batch to its longest example
-    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to)
+    result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to, after_step)
     lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
               if n.endswith(tuple(p + ".base_layer" for p in PROJECTIONS)))
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=lin,
@@ -437,7 +444,7 @@ def main() -> None:
                    help="also run the recipe with bf16 compute, as usually written (slow on AVX2-only CPUs)")
     p.add_argument("--reference-allocator", choices=["default", "qlora_kit"], default="default",
                    help="run the recipe with glibc's default allocator behaviour (as it ships) or with "
-                        "qlora_kit's fixed mmap threshold (qlora_kit.memory), to separate that effect")
+                        "qlora_kit's (qlora_kit.memory: freed memory trimmed after each step), to separate that effect")
     p.add_argument("--loss-rtol", type=float, default=0.02, help="allowed relative difference of the last losses")
     p.add_argument("--profile", action="store_true", help="profile each side's last step (top ops by self time)")
     p.add_argument("--out", type=Path, default=None)

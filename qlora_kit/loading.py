@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
-from .memory import return_freed_memory
+from .memory import configure_allocator, release_freed_memory
 from .modeltree import checkpointed_blocks, decoder_layers, linear_layer_names, set_module
 from .dtypes import resolve_dtype
 from .moe import ExpertAssembler, ExpertLayout, MoeExperts
@@ -69,7 +69,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     """
     path = Path(path)
     files = safetensors_files(path)
-    return_freed_memory()  # host RAM: freed weights and activations go back to the system (see memory.py)
+    configure_allocator()  # host RAM: how freed tensors go back to the system (see memory.py)
     device = torch.device(device)
     dtype = resolve_dtype(dtype if dtype is not None else (quant.compute_dtype if quant else "auto"), device)
     if quant is not None:
@@ -140,6 +140,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
     record.source = path  # inits that change the base (svd, loftq) re-read weights from here
     model.eval()
     tokenizer = load_tokenizer_from(path) if load_tokenizer else None
+    release_freed_memory()  # the load's scratch (converted and quantised copies) leaves the resident set
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import QLoraKitError
+from .memory import release_freed_memory
 
 IGNORE_INDEX = -100
 
@@ -150,6 +151,14 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torc
     return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+def _between_body_and_head(hidden: torch.Tensor) -> None:
+    """On the CPU, hand the blocks' freed scratch back before the logits arrive (qlora_kit.memory):
+    a checkpointed forward pass frees each block's internals into glibc's heap, which would keep them
+    resident through the loss, the usual peak of a step."""
+    if hidden.device.type == "cpu" and torch.is_grad_enabled():
+        release_freed_memory()
+
+
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +169,7 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     more than one chunk of logits exists at a time, as in `chunked_lm_loss`."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    _between_body_and_head(hidden)
     head, transform = model.get_output_embeddings(), HeadTransform.of(model)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
@@ -185,6 +195,7 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     position_ids that restart within a row (and no attention_mask) mark packed examples (data.collate)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    _between_body_and_head(out.last_hidden_state)
     total, n = chunked_lm_loss(model.get_output_embeddings(), out.last_hidden_state, labels, chunk_tokens,
                                HeadTransform.of(model))
     return total / max(n, 1), n

@@ -1,17 +1,29 @@
-"""Host memory: make freed tensor memory go back to the operating system.
+"""Host memory: freed tensors go back to the system, without a page fault at every use.
 
-glibc's malloc serves requests below its "mmap threshold" from a heap that it rarely shrinks, and
-raises that threshold (up to 32 MiB) each time a larger block is freed. A training step allocates
-and frees many 1-32 MiB tensors (dequantised weights, activations, logit chunks), so after a few
-steps they all come from the heap, and the process keeps its high-water mark of them resident:
-measured on a 512-wide, 8-layer Llama, 4-bit, batch 4 x 256 on CPU, the resident set grew by 650 MiB
-during training instead of 320 MiB. A fixed threshold keeps every block of 1 MiB and more in its
-own mapping, returned when freed; the cost is a page fault per fresh page of such blocks, which
-made steps 18% (512-wide) to 54% (1024-wide) slower on a 2-core virtual machine, where page
-faults are dear: a trade of speed for resident memory (1171 vs 2308 MiB on the 1024-wide model).
+glibc's malloc serves requests below its "mmap threshold" from a heap, and raises that threshold
+(up to 32 MiB) each time a larger block is freed. Left alone, a training step's 1-32 MiB tensors
+(dequantised weights, activations, gradients) all end up in the heap, which glibc rarely shrinks
+and which fragments: the process keeps far more resident than the step's tensors (fp32 compute on
+a 1024-wide Llama: 2368 MiB peak instead of 1144). Every block at or above the threshold gets a
+mapping of its own instead, returned when freed, at the price of faulting its pages in afresh
+(zeroed by the kernel) at each use, which is dear on virtual machines.
 
-`load_model` applies it. QLORA_KIT_MALLOC_THRESHOLD sets another threshold in bytes; 0 leaves
-glibc's own behaviour (faster steps, higher resident memory).
+The default fixes the threshold at 4 MiB and trims the heap (`malloc_trim`) where a phase of work
+ends: after loading, before the output head's logits, after each optimiser step and evaluation.
+Tensors under 4 MiB reuse heap pages within a step; larger ones come and go with their mappings;
+the peak stays the step's tensors, as qlora_kit.plan counts them. Measured with
+benchmarks/vs_recipe.py (1024-wide, 12-layer Llama, 4-bit, batch 4 x 256, our side alone) on a
+2-core AVX512-BF16 virtual machine, seconds a step and peak RSS:
+
+    threshold          bf16              fp32
+    1 MiB              6.51 s   984 MiB  11.76 s  1144 MiB
+    4 MiB (default)    4.41 s   987 MiB  10.32 s  1149 MiB
+    8 MiB              4.85 s   987 MiB   8.47 s  1828 MiB
+    glibc's own        4.4 s   1218 MiB   7.91 s  2368 MiB
+
+QLORA_KIT_MALLOC_THRESHOLD chooses another threshold in bytes (larger: faster fp32 steps, more
+resident memory); 0 leaves glibc alone (no threshold, no trim), which the plan does not count.
+Nothing happens elsewhere than Linux with glibc (macOS, Windows, musl).
 """
 
 from __future__ import annotations
@@ -22,29 +34,63 @@ import os
 import sys
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-_applied: int | None = None
+DEFAULT_THRESHOLD = 4 << 20
+_fixed: int | None = None
+_libc: ctypes.CDLL | None | bool = None
 
 
-def return_freed_memory(threshold: int | None = None) -> bool:
-    """Fix glibc's mmap threshold at `threshold` bytes (default: QLORA_KIT_MALLOC_THRESHOLD, else
-    1 MiB), once per process. Returns whether it is in effect; a no-op where the threshold is 0 and
-    elsewhere than Linux with glibc (macOS, Windows, musl)."""
-    global _applied
+def _glibc() -> ctypes.CDLL | None:
+    """glibc with mallopt and malloc_trim, or None where there is no such library."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+                _libc = libc
+            except (OSError, AttributeError):
+                pass
+    return _libc or None
+
+
+def policy() -> str | int:
+    """The mmap threshold in bytes (QLORA_KIT_MALLOC_THRESHOLD, else 4 MiB), or 'glibc' for 0."""
+    raw = os.environ.get("QLORA_KIT_MALLOC_THRESHOLD", "").strip()
+    if not raw:
+        return DEFAULT_THRESHOLD
+    try:
+        value = int(raw)
+    except ValueError:
+        from .errors import QLoraKitError
+        raise QLoraKitError(f"QLORA_KIT_MALLOC_THRESHOLD={raw!r} is not a byte count: unset it (4 MiB), set a "
+                            "threshold in bytes such as 8388608, or 0 for glibc's own behaviour") from None
+    return "glibc" if value <= 0 else value
+
+
+def configure_allocator(threshold: int | None = None) -> bool:
+    """Fix glibc's mmap threshold at the policy's value (load_model calls it), or at `threshold` bytes
+    whatever the environment says. Returns whether a fixed threshold is in effect."""
+    global _fixed
     if threshold is None:
-        threshold = int(os.environ.get("QLORA_KIT_MALLOC_THRESHOLD", 1 << 20))
+        chosen = policy()
+        threshold = chosen if isinstance(chosen, int) else 0
     if threshold <= 0:
         return False
-    if _applied == threshold:
+    if _fixed == threshold:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
-        return False
-    _applied = threshold
+    _fixed = threshold
     return True
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the system (malloc_trim); a phase of work has ended. Returns
+    whether anything was released; a no-op under QLORA_KIT_MALLOC_THRESHOLD=0 and without glibc."""
+    if policy() == "glibc":
+        return False
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))

@@ -48,17 +48,18 @@ MiB = 1024 ** 2
 
 # Framework overhead (the `overhead` line); the only terms here that are not derived from shapes.
 # CPU, fitted with benchmarks/plan_accuracy.py on fp32, bf16 and fp16 runs (AVX512-BF16 EPYC, torch
-#   2.13, glibc's mmap threshold fixed at 1 MiB by qlora_kit.memory; not yet re-measured on an
-#   AVX2-only machine):
+#   2.13, glibc's mmap threshold fixed by qlora_kit.memory and its heap trimmed between phases of a
+#   step; not yet re-measured on an AVX2-only machine):
 #   - the interpreter with torch, transformers and bitsandbytes imported, and what loading leaves
 #     besides the model's tensors (heap, kernel code paged in): resident set after `load_model`
 #     minus the static bytes, 394-403 MiB over 3 model sizes on every path;
 #   - what a training step adds besides tensors (heap of small blocks, more kernel code, BLAS
 #     buffers): peak RSS minus RSS before the steps minus the step's tensors, 22-59 MiB (fp32
 #     25-43, bf16 28-59, fp16 22-33).
-#   Freed step tensors of 1 MiB and more leave the resident set at once under that threshold, so
-#   the CPU plan has no fragmentation term. (The 560 MiB + 50% of the step's bytes used before
-#   were fitted before the threshold was fixed, when glibc kept freed blocks resident.)
+#   Freed step tensors of 4 MiB and more leave the resident set at once under that threshold, and
+#   smaller ones are trimmed from the heap before the logits and after each step, so the CPU plan
+#   has no fragmentation term. (The 560 MiB + 50% of the step's bytes used before were fitted when
+#   glibc kept freed blocks resident.)
 # CUDA, assumed, not yet measured (scripts/gpu_check.sh will): the CUDA context, cuBLAS workspaces
 #   and loaded kernels (about 0.5 GiB with lazy module loading, CUDA >= 11.7), plus the caching
 #   allocator's fragmentation, taken as 20% of the bytes that come and go during a step
@@ -411,7 +412,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         notes.append("the CUDA overhead (context, allocator margin) is assumed, not yet measured on a GPU")
     elif os.environ.get("QLORA_KIT_MALLOC_THRESHOLD", "").strip() == "0":
         notes.append("QLORA_KIT_MALLOC_THRESHOLD=0: glibc keeps freed step tensors resident, which this plan "
-                     "does not count (on a 1024-wide Llama: 2308 MiB instead of 1171; see qlora_kit.memory)")
+                     "does not count (fp32 on a 1024-wide Llama: 2368 MiB instead of 1144; see qlora_kit.memory)")
     settings = {
         "quant": None if quant is None else quant.to_dict(), "r": lora.r, "alpha": lora.alpha,
         "compute_dtype": dtype_name(cdtype),

@@ -53,6 +53,7 @@ from .fsdp import full_lora_state, local_packed_bytes, optimizer_state, shard_mo
 from .io import atomic_file, atomic_write_bytes, atomic_write_text, disk_full_as_error
 from .loading import load_model, set_gradient_checkpointing
 from .losses import LossScaler, causal_lm_loss, sequence_logps
+from .memory import release_freed_memory
 from .modeltree import decoder_layers
 from .models import resolve_model_path
 from .optim import build_optimizer, build_scheduler
@@ -409,6 +410,7 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
     taken = scaler.step(learner.optimizer)
     learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
+    release_freed_memory()  # the step's freed tensors: reused within it, returned between steps
     if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         _diverged(run.plan, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
                             f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
@@ -469,10 +471,13 @@ def _evaluate(run: Run, data: Data, learner: Learner) -> dict:
     if t.method == "sft":
         loss = evaluate(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device, accelerator,
                         data.pack_to)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-    measured = evaluate_pairs(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device,
-                              accelerator)
-    return {f"eval_{k}": v for k, v in measured.items()}
+        row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    else:
+        measured = evaluate_pairs(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device,
+                                  accelerator)
+        row = {f"eval_{k}": v for k, v in measured.items()}
+    release_freed_memory()
+    return row
 
 
 def evaluate_pairs(loss_module: nn.Module, dataset: Dataset, batch_size: int, pad_id: int, device,
