@@ -1,7 +1,8 @@
 """Training speed and memory: qlora_kit against the usual transformers + peft + bitsandbytes recipe.
 
     python benchmarks/vs_recipe.py [--preset llama-1024|smollm2-trivia|...] [--steps 8] [--warmup 2] [--out DIR]
-                                   [--ref-dtype auto|bf16|fp32] [--profile]
+                                   [--ref-dtype auto|bf16|fp32] [--checkpoint auto|all|N] [--budget 1.4GiB]
+                                   [--profile]
 
 One invocation runs both sides on the same model folder, batch, sequence length, data, LoRA
 settings and initial adapter, each in its own child process (so imports, allocator state and peak
@@ -13,23 +14,27 @@ RSS do not mix), then prints each side's figures and the ratios qlora_kit / refe
   model bytes   parameters and buffers of the loaded model (quantised weights at their packed size);
   trainable     adapter parameters;
   loss          per step, and the mean of the last steps (the two sides must agree: same math);
-  GEMM floor    6 x linear params x tokens FLOP per step (forward, recomputed forward and input
-                gradient, each 2 FLOP per weight per token; frozen weights have no weight gradient)
-                plus the output head's 4 x vocab x hidden x tokens (it sits outside the checkpointed
-                blocks: forward and input gradient only), at this machine's measured matmul
-                throughput in the compute dtype, timed in the same run. "x floor" = step time / floor.
+  GEMM floor    6 x linear params x tokens FLOP per step in a checkpointed block (forward,
+                recomputed forward and input gradient, each 2 FLOP per weight per token; frozen
+                weights have no weight gradient), 4 x in a block that is not checkpointed, plus the
+                output head's 4 x vocab x hidden x tokens (forward and input gradient), at this
+                machine's measured matmul throughput in the compute dtype, timed in the same run.
+                "x floor" = step time / floor.
+  ckpt          decoder blocks checkpointed / all blocks.
 
 The reference: transformers `BitsAndBytesConfig` (NF4, double quant), peft `LoraConfig` (r16,
 alpha 32, dropout 0.05, all seven projections), `prepare_model_for_kbit_training`, non-reentrant
 gradient checkpointing, torch AdamW; its forward computes the loss from full logits, as the
 recipe does. Ours: `load_model` + `add_lora` + `set_gradient_checkpointing` + the trainer's loss
 module and optimiser (the same pieces `qlora_kit.train` runs each step), also torch AdamW here so
-the update rule is identical.
+the update rule is identical. Ours checkpoints as the trainer does by default
+(`train.gradient_checkpointing: auto`): the fewest blocks whose memory plan fits the budget
+(--budget, else the trainer's default: half the available RAM on CPU, the GPU's free memory);
+--checkpoint all checkpoints every block, as the recipe does.
 
-Host memory: qlora_kit trims glibc's heap after each step, so that the step's freed blocks are
-reused within it and leave the resident set between steps (qlora_kit.memory); the recipe runs
-with glibc's default unless --reference-allocator qlora_kit gives it the same, which separates
-that effect. QLORA_KIT_MALLOC_THRESHOLD in the environment reaches both children.
+Host memory: qlora_kit fixes glibc's mmap threshold at 4 MiB and trims its heap between phases
+of a step (qlora_kit.memory); the recipe runs with glibc's default unless --reference-allocator
+qlora_kit gives it the same, which separates that effect. QLORA_KIT_MALLOC_THRESHOLD in the environment reaches both children.
 
 Compute dtype: "auto" gives both sides the dtype this device multiplies fastest (bf16 on GPUs and
 CPUs with AVX512-BF16/AMX; fp32 on AVX2-only CPUs, where a bf16 matmul is emulated and >100x
@@ -286,12 +291,33 @@ def _train_loop(torch, step_fn, params, batches, tokens, device, profile: str | 
     return out
 
 
+def checkpoint_choice(args, rows: int, device) -> tuple[int, str]:
+    """How many decoder blocks our side checkpoints, and why: --checkpoint N or all, or with auto (the
+    trainer's default) the fewest whose memory plan fits --budget, else the device's default budget."""
+    from qlora_kit import LoraConfig, QuantConfig, plan_memory
+    from qlora_kit.fit import default_budget, fewest_checkpointed_blocks, parse_budget
+
+    plan = plan_memory(args.model, QuantConfig(compute_dtype=args.dtype), LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT,
+                       targets=PROJECTIONS), batch=rows, seq_len=args.seq, gradient_checkpointing=True,
+                       optimizer="adamw", device=device.type, chunk_tokens=1024)
+    layers = plan.settings["layers"]
+    if args.checkpoint != "auto":
+        blocks = layers if args.checkpoint == "all" else min(int(args.checkpoint), layers)
+        return blocks, f"checkpointing {blocks} of {layers} blocks (--checkpoint {args.checkpoint})"
+    budget, source = (parse_budget(args.budget), "--budget") if args.budget else default_budget(device)
+    plan = fewest_checkpointed_blocks(plan, budget)
+    blocks = plan.settings["checkpointed_blocks"]
+    return blocks, (f"checkpointing {blocks} of {layers} blocks, the fewest whose plan ({plan.total / MIB:.0f} MiB) "
+                    f"fits {budget / MIB:.0f} MiB ({source})")
+
+
 def child_ours(args) -> dict:
     torch, data, init = _common_setup(args)
     from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model
     from qlora_kit import lora_layers, trainable_parameters
     from qlora_kit.loading import set_gradient_checkpointing
     from qlora_kit.memory import release_freed_memory
+    from qlora_kit.modeltree import decoder_layers
     from qlora_kit.trainer import LossModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,7 +326,10 @@ def child_ours(args) -> dict:
                           progress=False, device=device)
     add_lora(model, LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets=PROJECTIONS))
     _copy_init({n: (m.lora_A, m.lora_B) for n, m in lora_layers(model).items()}, init)
-    set_gradient_checkpointing(model, True)
+    batches, tokens = batches_of(data, pack_to=args.seq)  # packs real examples; synthetic rows stay as they are
+    blocks, choice = checkpoint_choice(args, max(b["input_ids"].shape[0] for b in batches), device)
+    print(f"  ours: {choice}", file=sys.stderr, flush=True)
+    set_gradient_checkpointing(model, blocks)
     model.train()
     load_s = time.perf_counter() - t
     loss_module = LossModule(model, chunk_tokens=1024)
@@ -316,12 +345,11 @@ def child_ours(args) -> dict:
         loss, _ = loss_module(**batch)
         return loss
 
-    batches, tokens = batches_of(data, pack_to=args.seq)  # packs real examples; synthetic rows stay as they are
     result = _train_loop(torch, step, params, batches, tokens, device, args.profile_to,
                          after_step=release_freed_memory)  # as the trainer does after each step
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=sum(m.in_features * m.out_features for m in lora_layers(model).values()),
                   compute_dtype=str(next(m.compute_dtype for m in model.modules() if hasattr(m, "qweight"))),
-                  grad_norm_check=None)
+                  grad_norm_check=None, checkpointed_blocks=blocks, layers=len(decoder_layers(model)))
     return result
 
 
@@ -365,7 +393,8 @@ def child_reference(args) -> dict:
     lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
               if n.endswith(tuple(p + ".base_layer" for p in PROJECTIONS)))
     result.update(load_s=load_s, trainable=trainable, model_bytes=model_bytes, linear_params=lin,
-                  compute_dtype=str(dtype))
+                  compute_dtype=str(dtype), checkpointed_blocks=model.config.num_hidden_layers,
+                  layers=model.config.num_hidden_layers)
     return result
 
 
@@ -374,7 +403,9 @@ def child_reference(args) -> dict:
 def run_child(side: str, args, data: Path, adapter: Path, folder: Path, dtype: str, profile: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model", str(folder), "--data", str(data),
            "--adapter", str(adapter), "--dtype", dtype, "--threads", str(args.threads or 0),
-           "--reference-allocator", args.reference_allocator, "--seq", str(args.seq)]
+           "--reference-allocator", args.reference_allocator, "--seq", str(args.seq), "--checkpoint", args.checkpoint]
+    if args.budget:
+        cmd += ["--budget", args.budget]
     if profile:
         cmd += ["--profile-to", str(profile)]
     print(f"running {side} (compute dtype {dtype}) ...", flush=True)
@@ -396,13 +427,16 @@ def summarise(r: dict, warmup: int, floor_flops: float, vocab_hidden: int) -> di
     timed = list(zip(r["step_s"], r["tokens"]))[warmup:] or list(zip(r["step_s"], r["tokens"]))
     step = statistics.median(t for t, _ in timed)
     rate = statistics.median(n / t for t, n in timed)
-    floor_s = statistics.median((6 * r["linear_params"] + 4 * vocab_hidden) * n / floor_flops for _, n in timed)
+    # a checkpointed block runs its forward twice: 6 FLOP per weight and token; an unchecked one 4
+    per_token = (4 + 2 * r["checkpointed_blocks"] / r["layers"]) * r["linear_params"] + 4 * vocab_hidden
+    floor_s = statistics.median(per_token * n / floor_flops for _, n in timed)
     last = r["losses"][-max(1, len(r["losses"]) // 4):]
     return {"tokens_per_s": rate, "step_s": step, "x_floor": step / floor_s,
             "train_peak_rss_mib": r["train_peak_rss"] / MIB, "process_peak_rss_mib": r["process_peak_rss"] / MIB,
             "model_mib": r["model_bytes"] / MIB, "trainable": r["trainable"], "loss_first": r["losses"][0],
             "loss_last": r["losses"][-1], "loss_tail_mean": sum(last) / len(last), "load_s": r["load_s"],
-            "compute_dtype": r["compute_dtype"], "cuda_peak_mib": r.get("cuda_peak_bytes", 0) / MIB or None}
+            "compute_dtype": r["compute_dtype"], "cuda_peak_mib": r.get("cuda_peak_bytes", 0) / MIB or None,
+            "checkpointed_blocks": f"{r['checkpointed_blocks']}/{r['layers']}"}
 
 
 def chart(summary: dict, out: Path) -> None:
@@ -445,6 +479,11 @@ def main() -> None:
     p.add_argument("--reference-allocator", choices=["default", "qlora_kit"], default="default",
                    help="run the recipe with glibc's default allocator behaviour (as it ships) or with "
                         "qlora_kit's (qlora_kit.memory: freed memory trimmed after each step), to separate that effect")
+    p.add_argument("--checkpoint", default="auto",
+                   help="decoder blocks our side checkpoints: auto (the trainer's default: the fewest whose memory "
+                        "plan fits --budget), all, or a number; the recipe checkpoints every block, as it is written")
+    p.add_argument("--budget", default=None, help="memory budget for --checkpoint auto, e.g. 1.4GiB (default: the "
+                   "trainer's, half the available RAM on CPU or the GPU's free memory)")
     p.add_argument("--loss-rtol", type=float, default=0.02, help="allowed relative difference of the last losses")
     p.add_argument("--profile", action="store_true", help="profile each side's last step (top ops by self time)")
     p.add_argument("--out", type=Path, default=None)
@@ -503,12 +542,12 @@ def main() -> None:
     print(f"\n{args.preset}: {shape}, LoRA r{R} all seven projections, "
           f"{args.steps} steps ({args.warmup} warm-up), threads {args.threads or 'default'}")
     head = f"{'':16s}{'tok/s':>8s}{'s/step':>8s}{'x floor':>9s}{'train RSS':>11s}{'peak RSS':>10s}" \
-           f"{'model':>8s}{'trainable':>11s}{'loss 0':>8s}{'loss end':>9s}{'dtype':>10s}"
+           f"{'model':>8s}{'trainable':>11s}{'loss 0':>8s}{'loss end':>9s}{'dtype':>10s}{'ckpt':>7s}"
     print(head)
     for label, s in summary.items():
         print(f"{label:16s}{s['tokens_per_s']:8.1f}{s['step_s']:8.2f}{s['x_floor']:9.2f}"
               f"{s['train_peak_rss_mib']:9.0f}Mi{s['process_peak_rss_mib']:8.0f}Mi{s['model_mib']:6.0f}Mi"
-              f"{s['trainable']:11,d}{s['loss_first']:8.3f}{s['loss_tail_mean']:9.3f}{s['compute_dtype'].removeprefix('torch.'):>10s}")
+              f"{s['trainable']:11,d}{s['loss_first']:8.3f}{s['loss_tail_mean']:9.3f}{s['compute_dtype'].removeprefix('torch.'):>10s}{s['checkpointed_blocks']:>7s}")
     print(f"ratios qlora_kit / reference: tokens/s {ratios['tokens_per_s']:.2f}x, peak RSS while training "
           f"{ratios['train_peak_rss']:.2f}x, whole-process peak RSS {ratios['process_peak_rss']:.2f}x, "
           f"model bytes {ratios['model_bytes']:.2f}x")

@@ -76,6 +76,19 @@ class HeadTransform:
 
 
 IDENTITY = HeadTransform()
+LSE_BLOCK_BYTES = 2 << 20  # logsumexp's scratch: under qlora_kit.memory's mmap threshold, so reused, never faulted
+
+
+def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over the last dim, a block of rows at a time: its scratch (logits minus the
+    row maxima) is one block of at most LSE_BLOCK_BYTES, not another chunk of logits."""
+    rows = max(1, LSE_BLOCK_BYTES // (logits.shape[-1] * logits.element_size()))
+    if logits.shape[0] <= rows:
+        return torch.logsumexp(logits, dim=-1)
+    out = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for r in range(0, logits.shape[0], rows):
+        torch.logsumexp(logits[r:r + rows], dim=-1, out=out[r:r + rows])
+    return out
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -93,11 +106,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
             logits = transform.apply_(F.linear(h, weight, bias).float())
-            lse = torch.logsumexp(logits, dim=-1)
+            lse = logsumexp_rows(logits)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad is not None:  # softmax - one_hot(y), through the transform, then through the head
                 probs = transform.logit_grad_(logits, lse, y)
                 torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + chunk_tokens])
+                del probs
+            del logits  # before the next chunk's logits exist
         ctx.save_for_backward(grad)
         return total
 

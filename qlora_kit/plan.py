@@ -19,8 +19,8 @@ What stays alive with per-block, non-reentrant gradient checkpointing:
   * every decoder block's input hidden state (batch x seq x hidden, compute dtype);
   * during the backward pass, one block recomputed with everything its backward needs, plus the
     gradients flowing through it;
-  * the chunked loss (losses.py): fp32 logits of a chunk or two, logsumexp's fp32 scratch, and the
-    hidden-sized tensors around the head.
+  * the chunked loss (losses.py): one chunk's fp32 logits, their 16-bit source or logsumexp's
+    scratch of a few rows, and the hidden-sized tensors around the head.
 Without checkpointing every block keeps its internals from the forward pass to the backward pass.
 Checkpointing some blocks mixes the two; the first ones are checkpointed, because the backward pass
 reaches them last: by then the unchecked blocks' internals are freed, so only one of the two kinds
@@ -187,16 +187,18 @@ def shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str]
 
 
 def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
-    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head), whatever the compute
-    dtype: a chunk's fp32 logits (a 16-bit head output is cast and freed before anything else is
-    allocated), logsumexp's fp32 scratch of the same size, and from the second chunk on the
-    previous chunk's probabilities, still referenced while the next chunk's logits are made: 8 bytes
-    per logit with one chunk, 4 + 8 with more. Plus the input gradient it keeps for backward (the
+    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head): a chunk's fp32 logits,
+    beside them either the 16-bit head output they are cast from (and later the 16-bit copy of the
+    probabilities the input gradient is multiplied from: 2 more bytes a logit) or logsumexp's scratch
+    of one block of rows (losses.LSE_BLOCK_BYTES), whichever is more. One chunk at a time: a chunk's
+    logits are freed before the next one's exist. Plus the input gradient it keeps for backward (the
     size of the final hidden states)."""
+    from .losses import LSE_BLOCK_BYTES
+
     chunk = min(chunk_tokens, tokens)
-    sizes = [chunk] + ([min(chunk, tokens - chunk)] if tokens > chunk else [])
-    logits = max(8 * sizes[0], 4 * sizes[0] + 8 * sizes[-1] if len(sizes) > 1 else 0)
-    return logits * shape.vocab + cb * tokens * shape.hidden
+    scratch = min(chunk, max(1, LSE_BLOCK_BYTES // (4 * shape.vocab))) * 4 * shape.vocab
+    logits = 4 * chunk * shape.vocab + max(2 * chunk * shape.vocab if cb < 4 else 0, scratch)
+    return logits + cb * tokens * shape.hidden
 
 
 def checkpointing_label(settings: dict) -> str:

@@ -245,9 +245,9 @@ def _status(key: str) -> int:
 @pytest.mark.parametrize("positions", [250, 400, 700], ids=["1-chunk", "2-chunks", "3-chunks"])
 def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     """The chunked loss's peak, as the kernel counts it (the resident set's high-water mark, with
-    freed blocks of 1 MiB and more returned at once, as QLORA_KIT_MALLOC_THRESHOLD=1048576 arranges): fp32 logits and
-    logsumexp's fp32 scratch, plus the previous chunk's probabilities from the second chunk on,
-    whatever the compute dtype. Within 5%."""
+    freed blocks of 1 MiB and more returned at once, as QLORA_KIT_MALLOC_THRESHOLD=1048576 arranges): one
+    chunk's fp32 logits, with their 16-bit source (16-bit compute) or logsumexp's scratch of a few rows
+    beside them, however many chunks. Within 5%."""
     from qlora_kit.memory import configure_allocator
 
     configure_allocator(1 << 20)  # every block of 1 MiB and more its own mapping: the peak is the tensors'
