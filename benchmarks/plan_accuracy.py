@@ -16,6 +16,7 @@ printed as this run measures them: the resident set before the steps minus the s
 the step's peak minus the tensors the plan counts for it.
 
     python benchmarks/plan_accuracy.py [--dtypes fp32,bf16,fp16] [--full] [--json out.json] [--quick]
+                                       [--checkpoint-blocks N]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SEQ_LENS = (128, 512, 2048)
 BATCH = 2
 VOCAB = 32000
 DTYPES = ("fp32", "bf16", "fp16")
+CHECKPOINT: bool | int = True  # --checkpoint-blocks: every block, or the first N
 MiB = 2 ** 20
 
 
@@ -122,7 +124,7 @@ def child(folder: str, seq_len: int, optimizer: str, dtype: str) -> dict:
     quant, lora = settings(dtype)
     model, _ = load_model(folder, quant, load_tokenizer=False, progress=False)
     add_lora(model, lora)
-    set_gradient_checkpointing(model, True)
+    set_gradient_checkpointing(model, CHECKPOINT)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
@@ -148,7 +150,8 @@ def predict(folder: Path, seq_len: int, optimizer: str, dtype: str):
     from qlora_kit import plan_memory
 
     quant, lora = settings(dtype)
-    return plan_memory(folder, quant, lora, batch=BATCH, seq_len=seq_len, optimizer=optimizer, device="cpu")
+    return plan_memory(folder, quant, lora, batch=BATCH, seq_len=seq_len, optimizer=optimizer, device="cpu",
+                       gradient_checkpointing=CHECKPOINT)
 
 
 def measure(folder: Path, hidden: int, seq: int, optimizer: str, dtype: str) -> dict:
@@ -156,7 +159,8 @@ def measure(folder: Path, hidden: int, seq: int, optimizer: str, dtype: str) -> 
     from qlora_kit.plan import CPU_STEP_RUNTIME_BYTES
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, "--optimizer", optimizer, "--child", str(folder), str(seq), dtype],
+    blocks = [] if CHECKPOINT is True else ["--checkpoint-blocks", str(CHECKPOINT)]
+    out = subprocess.run([sys.executable, __file__, "--optimizer", optimizer, *blocks, "--child", str(folder), str(seq), dtype],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode:
         sys.exit(f"child failed for {dtype}, hidden {hidden}, seq {seq}:\n{out.stderr[-3000:]}")
@@ -168,6 +172,7 @@ def measure(folder: Path, hidden: int, seq: int, optimizer: str, dtype: str) -> 
     step_pred = step_tensors + CPU_STEP_RUNTIME_BYTES
     step_meas = measured["peak_rss"] - measured["rss_before_steps"]
     return {"dtype": dtype, "hidden": hidden, "seq_len": seq, "batch": BATCH, "optimizer": optimizer,
+            "checkpointed_blocks": plan.settings["checkpointed_blocks"],
             "predicted": plan.total, "measured": measured["peak_rss"], "error": plan.total / measured["peak_rss"] - 1,
             "predicted_step": step_pred, "measured_step": step_meas, "step_error": step_pred / step_meas - 1,
             "rss_before_steps": measured["rss_before_steps"], "seconds": measured["seconds"],
@@ -194,8 +199,12 @@ def main() -> None:
     ap.add_argument("--full", action="store_true",
                     help="the whole grid for every dtype, also those this CPU emulates (slow: hours for fp16)")
     ap.add_argument("--quick", action="store_true", help="smallest size and the two shorter sequences only")
+    ap.add_argument("--checkpoint-blocks", type=int, default=None,
+                    help="checkpoint only the first N decoder blocks (0: none; default: every block)")
     ap.add_argument("--child", nargs=3, metavar=("FOLDER", "SEQ", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CHECKPOINT
+    CHECKPOINT = True if args.checkpoint_blocks is None else args.checkpoint_blocks
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.optimizer, args.child[2])))
         return
@@ -208,7 +217,8 @@ def main() -> None:
     fast = fast_dtypes()
     cpu = cpu_kind()
     print(f"CPU: {cpu}; compute_dtype 'auto' = {dtype_name(fast_dtype('cpu'))}")
-    print(f"batch {BATCH}, NF4 + double quant, LoRA r16 on all linear layers, dropout 0.05, gradient checkpointing, "
+    ckpt = "every block checkpointed" if CHECKPOINT is True else f"the first {CHECKPOINT} of 4 blocks checkpointed"
+    print(f"batch {BATCH}, NF4 + double quant, LoRA r16 on all linear layers, dropout 0.05, {ckpt}, "
           f"{args.optimizer}; MiB; 'step' = peak minus RSS before the steps")
     results = {}
     for dtype in dtypes:

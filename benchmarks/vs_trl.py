@@ -2,7 +2,7 @@
 held-out loss, and whether TRL's adapters got gradients at all.
 
     python benchmarks/vs_trl.py [--epochs 1] [--max-steps N] [--heldout N] [--dtype auto|bf16|fp32]
-                                [--trl-eval-first] [--answer-tokens 32] [--out DIR]
+                                [--trl-eval-first] [--answer-tokens 32] [--seed 0] [--out DIR]
 
 What runs, each side in its own child process (imports, allocator state and peak RSS do not mix):
 
@@ -40,7 +40,7 @@ Measured, per training side:
                 printed for it.
 
 Settings that cannot match (listed in results.json too): the data order and dropout masks (each
-side's own RNG, seed 0 for both), the adapters' initial A (each side's init, seeded), the warm-up
+side's own RNG, --seed for both), the adapters' initial A (each side's init, seeded), the warm-up
 shape (ours (s+1)/(w+1), transformers' s/w), padding (TRL pads each batch to its longest example,
 as it ships; we pack, as we ship), gradient checkpointing (TRL: every block; ours: the memory plan's
 choice), and TRL's bf16 autocast against our bf16 compute dtype.
@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plan_accuracy import cpu_kind  # noqa: E402
 
 BATCH, MAX_LEN, LR, WARMUP = 8, 128, 1e-3, 5        # qlora_kit.demo's settings
-R, ALPHA, DROPOUT, SEED = 16, 32, 0.05, 0
+R, ALPHA, DROPOUT = 16, 32, 0.05
 MIB = 2 ** 20
 BROKEN = "peer not training correctly: its speed is not a comparison"
 
@@ -112,7 +112,7 @@ def child_trl(args) -> dict:
 
     datasets.disable_progress_bars()  # keep the printout to the figures
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype)
     train, held = demo_records(args.heldout)
     started = time.perf_counter()
@@ -126,7 +126,7 @@ def child_trl(args) -> dict:
         num_train_epochs=args.epochs, max_steps=args.max_steps or -1, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=WARMUP, optim="paged_adamw_8bit", weight_decay=0.0, max_grad_norm=1.0, max_length=MAX_LEN,
         bf16=dtype == torch.bfloat16, logging_steps=1, eval_strategy="no",
-        save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, dataloader_num_workers=0,
+        save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
         disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
     check = GradientCheck()
@@ -256,7 +256,7 @@ def child_ours(args) -> dict:
     from qlora_kit.models import smollm2_path
     from qlora_kit.trainer import real_tokens, train
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     records, _ = demo_records(args.heldout)
     data = Path(args.out) / "train.jsonl"
     write_jsonl(records, data)
@@ -266,7 +266,7 @@ def child_ours(args) -> dict:
         "lora": {"r": R, "alpha": ALPHA, "dropout": DROPOUT},
         "data": {"train": str(data), "eval_fraction": 0, "max_seq_len": MAX_LEN},
         "train": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": BATCH, "lr": LR,
-                  "warmup_steps": WARMUP, "schedule": "cosine", "seed": SEED, "eval_every": 10 ** 9,
+                  "warmup_steps": WARMUP, "schedule": "cosine", "seed": args.seed, "eval_every": 10 ** 9,
                   "save_every": 10 ** 9},
         "output": {"dir": str(Path(args.out) / "ours-run")},
     })
@@ -276,7 +276,7 @@ def child_ours(args) -> dict:
     # The trainer's rows give tokens/s per step; the same batches, drawn again, give each step's tokens.
     tokenizer = prepare_tokenizer(load_tokenizer_from(folder))
     dataset = build_dataset(read_jsonl(data), tokenizer, MAX_LEN)
-    batches = microbatches(dataset, BATCH, SEED)
+    batches = microbatches(dataset, BATCH, args.seed)
     rows = [r for r in result.history if "loss" in r]
     tokens = [real_tokens(next(batches)[1]) for _ in rows]
     step_s = sum(n / r["tokens_per_s"] for n, r in zip(tokens, rows))
@@ -331,7 +331,7 @@ def run_child(name: str, args, extra: list[str] = ()) -> dict:
     comes from wait4 (a parent's RUSAGE_CHILDREN would be the maximum over every child so far)."""
     cmd = [sys.executable, __file__, "--child", name, "--out", str(args.out), "--dtype", args.dtype,
            "--epochs", str(args.epochs), "--max-steps", str(args.max_steps or 0), "--heldout", str(args.heldout or 0),
-           "--answer-tokens", str(args.answer_tokens), *extra]
+           "--answer-tokens", str(args.answer_tokens), "--seed", str(args.seed), *extra]
     print(f"running {name} ...", flush=True)
     started = time.perf_counter()
     log = args.out / f"{name}.stdout"
@@ -400,6 +400,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype of both sides (auto: qlora_kit's choice here)")
     p.add_argument("--trl-eval-first", action="store_true",
                    help="also run TRL with one held-out evaluation before training")
+    p.add_argument("--seed", type=int, default=0, help="both sides' seed (data order, dropout masks, initial A)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", choices=["trl", "trl-eval-first", "qlora_kit", "score"], help=argparse.SUPPRESS)
     p.add_argument("--adapters", help=argparse.SUPPRESS)
@@ -475,7 +476,7 @@ def main() -> None:
         "cpu": cpu, "compute_dtype": args.dtype, "epochs": args.epochs, "max_steps": args.max_steps,
         "heldout": args.heldout or 26,
         "settings": {"batch": BATCH, "max_length": MAX_LEN, "lr": LR, "warmup_steps": WARMUP, "schedule": "cosine",
-                     "r": R, "alpha": ALPHA, "dropout": DROPOUT, "optimizer": "paged_adamw_8bit", "seed": SEED},
+                     "r": R, "alpha": ALPHA, "dropout": DROPOUT, "optimizer": "paged_adamw_8bit", "seed": args.seed},
         "not_matched": ["data order and dropout masks (each side's RNG)", "initial lora_A (each side's seeded init)",
                         "warm-up shape: ours (s+1)/(w+1), transformers s/w",
                         "batches: TRL pads to the longest example, qlora_kit packs (each side's default)",

@@ -117,3 +117,6 @@ def test_vs_recipe_real_data_packs_ours_and_counts_real_tokens(tmp_path):
         assert side["tokens_per_s"] > 0 and math.isfinite(side["loss_first"])
     assert abs(results["summary"]["qlora_kit"]["loss_first"] - results["summary"]["reference"]["loss_first"]) < 0.05 * \
         results["summary"]["reference"]["loss_first"]
+    # ours checkpoints as the trainer's 'auto' decides; the recipe every block, as it is written
+    assert results["summary"]["reference"]["checkpointed_blocks"] == "30/30"
+    assert results["summary"]["qlora_kit"]["checkpointed_blocks"].endswith("/30")
