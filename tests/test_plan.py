@@ -270,7 +270,9 @@ def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     shape = ModelShape("loss", "llama", hidden, 4 * hidden, 1, 1, 1, hidden, vocab)
     cb = torch.finfo(dtype).bits // 8
     predicted = loss_bytes(shape, positions, chunk, cb) + cb * positions * hidden   # and the scored positions' copy
-    assert predicted == pytest.approx(peak, rel=0.05)
+    # within 5%, or 4 MiB: a few MiB of per-thread reduction scratch that torch keeps once a process has
+    # run other work (seen in the whole suite, fp32: 3 MiB over 34 MB planned) is not the loss's
+    assert predicted == pytest.approx(peak, rel=0.05, abs=4 << 20)
 
 
 def test_auto_compute_dtype_follows_the_hardware_probe(fake_cpu):
