@@ -584,8 +584,11 @@ def test_ctrl_c_prints_the_exact_resume_command(tiny_dir, tmp_path):
     raw = run_config(tmp_path, tiny_dir, tmp_path / "run", max_steps=40, save_every=2)
     config = write_yaml(tmp_path / "run.yaml", raw)
     argv = [sys.executable, "-m", "qlora_kit.cli", "train", str(config), "--no-progress", "--set", "train.lr=4e-3"]
+    # Ctrl-C's default action in the child, whatever this process inherited or set: an ignored SIGINT is
+    # inherited across exec, and Python then never raises KeyboardInterrupt (the run finishes, exit 0)
     child = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "QLORA_KIT_STEP_DELAY": "0.3"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # any finished checkpoint will do: with keep_last a given one lives only a few steps, and a busy
     # machine may not look in that window
     checkpoints_dir = tmp_path / "run" / "checkpoints"
