@@ -34,7 +34,8 @@ the update rule is identical. Ours checkpoints as the trainer does by default
 
 Host memory: qlora_kit fixes glibc's mmap threshold at 4 MiB and trims its heap between phases
 of a step (qlora_kit.memory); the recipe runs with glibc's default unless --reference-allocator
-qlora_kit gives it the same, which separates that effect. QLORA_KIT_MALLOC_THRESHOLD in the environment reaches both children.
+qlora_kit gives it the same, which separates that effect. QLORA_KIT_MALLOC_THRESHOLD in the
+environment reaches both children.
 
 Compute dtype: "auto" gives both sides the dtype this device multiplies fastest (bf16 on GPUs and
 CPUs with AVX512-BF16/AMX; fp32 on AVX2-only CPUs, where a bf16 matmul is emulated and >100x

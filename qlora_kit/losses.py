@@ -79,10 +79,15 @@ IDENTITY = HeadTransform()
 LSE_BLOCK_BYTES = 2 << 20  # logsumexp's scratch: under qlora_kit.memory's mmap threshold, so reused, never faulted
 
 
+def lse_block_rows(vocab: int, element_size: int = 4) -> int:
+    """Rows of logits per block of logsumexp_rows: at most LSE_BLOCK_BYTES of them, at least one."""
+    return max(1, LSE_BLOCK_BYTES // (vocab * element_size))
+
+
 def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     """torch.logsumexp over the last dim, a block of rows at a time: its scratch (logits minus the
     row maxima) is one block of at most LSE_BLOCK_BYTES, not another chunk of logits."""
-    rows = max(1, LSE_BLOCK_BYTES // (logits.shape[-1] * logits.element_size()))
+    rows = lse_block_rows(logits.shape[-1], logits.element_size())
     if logits.shape[0] <= rows:
         return torch.logsumexp(logits, dim=-1)
     out = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)

@@ -29,7 +29,6 @@ of peak carries the other's bytes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,6 +36,8 @@ import torch
 
 from .errors import QLoraKitError, closest
 from .lora import LoraConfig
+from .losses import lse_block_rows
+from .memory import policy as allocator_policy
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, optimizer_bytes
 from .quant import QuantConfig, dtype_name, resolve_dtype
 from .modeltree import checkpointed_blocks
@@ -52,10 +53,10 @@ MiB = 1024 ** 2
 #   step; not yet re-measured on an AVX2-only machine):
 #   - the interpreter with torch, transformers and bitsandbytes imported, and what loading leaves
 #     besides the model's tensors (heap, kernel code paged in): resident set after `load_model`
-#     minus the static bytes, 394-403 MiB over 3 model sizes on every path;
+#     minus the static bytes, 399-402 MiB over 3 model sizes, bf16 and fp32;
 #   - what a training step adds besides tensors (heap of small blocks, more kernel code, BLAS
-#     buffers): peak RSS minus RSS before the steps minus the step's tensors, 22-59 MiB (fp32
-#     25-43, bf16 28-59, fp16 22-33).
+#     buffers): peak RSS minus RSS before the steps minus the step's tensors, 18-87 MiB (fp32
+#     18-87, bf16 21-58; fp16 22-33 before the 4 MiB threshold).
 #   Freed step tensors of 4 MiB and more leave the resident set at once under that threshold, and
 #   smaller ones are trimmed from the heap before the logits and after each step, so the CPU plan
 #   has no fragmentation term. (The 560 MiB + 50% of the step's bytes used before were fitted when
@@ -193,10 +194,8 @@ def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> in
     of one block of rows (losses.LSE_BLOCK_BYTES), whichever is more. One chunk at a time: a chunk's
     logits are freed before the next one's exist. Plus the input gradient it keeps for backward (the
     size of the final hidden states)."""
-    from .losses import LSE_BLOCK_BYTES
-
     chunk = min(chunk_tokens, tokens)
-    scratch = min(chunk, max(1, LSE_BLOCK_BYTES // (4 * shape.vocab))) * 4 * shape.vocab
+    scratch = min(chunk, lse_block_rows(shape.vocab)) * 4 * shape.vocab
     logits = 4 * chunk * shape.vocab + max(2 * chunk * shape.vocab if cb < 4 else 0, scratch)
     return logits + cb * tokens * shape.hidden
 
@@ -412,7 +411,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
         notes.append("paged optimiser state is counted on the GPU; under pressure it pages out to CPU RAM")
     if device == "cuda":
         notes.append("the CUDA overhead (context, allocator margin) is assumed, not yet measured on a GPU")
-    elif os.environ.get("QLORA_KIT_MALLOC_THRESHOLD", "").strip() == "0":
+    elif allocator_policy() == "glibc":
         notes.append("QLORA_KIT_MALLOC_THRESHOLD=0: glibc keeps freed step tensors resident, which this plan "
                      "does not count (fp32 on a 1024-wide Llama: 2368 MiB instead of 1144; see qlora_kit.memory)")
     settings = {
