@@ -119,3 +119,30 @@ def test_load_and_every_training_step_release_freed_memory(tmp_path, tiny_dir, m
     trainer.train(raw, progress=False)
     assert calls.count("load") >= 1
     assert calls.count("train") >= 4 + 2  # four steps, and the evaluations (before, at step 2 and 4)
+
+
+def test_unchecked_blocks_release_their_scratch_after_the_forward_pass(tiny_dirs, monkeypatch):
+    """A block that keeps its internals for the backward pass trims the heap once its forward pass
+    ends (its freed scratch lies between the tensors it keeps); a checkpointed block does not, nor
+    does any block without autograd recording. The block's output is untouched."""
+    from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, set_gradient_checkpointing
+    from qlora_kit import memory
+
+    model, _ = load_model(tiny_dirs("llama", layers=3), quant=QuantConfig(compute_dtype="fp32"), progress=False)
+    add_lora(model, LoraConfig(r=4, dropout=0.0))
+    model.train()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1))
+
+    def forward():
+        calls.clear()
+        return model(input_ids=ids, use_cache=False).logits
+
+    for blocks, unchecked in ((1, 2), (False, 3), (True, 0), (3, 0), (0, 3)):
+        set_gradient_checkpointing(model, blocks)
+        out = forward()
+        assert len(calls) == unchecked, blocks
+        with torch.no_grad():
+            assert torch.equal(forward(), out)
+        assert not calls
