@@ -173,16 +173,20 @@ class LoraLinear(nn.Module):
         self.enabled = True  # False: the layer computes its base alone (see adapt.adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        # the base layer runs on rows (a 2-D output that is no view), so the adapter can add in place
+        y = self.base_layer(x.reshape(-1, x.shape[-1]))
+        out_shape = (*x.shape[:-1], y.shape[-1])
         if not self.enabled:  # the frozen base alone: a preference loss's reference model
-            return y
+            return y.view(out_shape)
         h, keep_scale = self._dropped_input(x)
         a = F.linear(h, self.lora_A.weight.to(self.dtype))
         # scale (and dropout's 1 / (1 - p)) go into B, an out x r matrix, not into the activations
         b = (self.lora_B.weight * (self.scale * keep_scale)).to(self.dtype)
-        if a.dtype == y.dtype and y.dim() >= 2:  # y + a @ b.T in one GEMM (the add is its epilogue)
-            return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.r), b.t()).view(y.shape)
-        return y + F.linear(a, b).to(y.dtype)
+        if a.dtype == y.dtype and y._base is None and y.is_contiguous():
+            # y += a @ b.T in one GEMM, in place: nothing saves the frozen base layer's output (a
+            # linear layer keeps its input), and an out-of-place addmm would copy y first
+            return y.addmm_(a.reshape(-1, self.r), b.t()).view(out_shape)
+        return (y + F.linear(a, b).reshape(y.shape).to(y.dtype)).view(out_shape)
 
     def _dropped_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The adapter's input after dropout (zeros only: the rescaling is returned, for B)."""

@@ -55,9 +55,9 @@ class HeadTransform:
         return z.div_(self.softcap).tanh_().mul_(self.softcap) if self.softcap else z
 
     def logit_grad_(self, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Turn a chunk's transformed logits, in place, into d(sum of token losses) / d z:
-        (softmax - one_hot(labels)) times d logits / d z. In place because a chunk of fp32 logits is
-        the loss's whole peak: a second buffer of that size would raise it by half."""
+        """Turn a block of rows of transformed fp32 logits, in place, into d(sum of token losses) / d z:
+        (softmax - one_hot(labels)) times d logits / d z. In place: with fp32 compute the block is a
+        chunk's own logits, the loss's whole peak."""
         rows = torch.arange(labels.numel(), device=labels.device)
         if not self.softcap:
             logits.sub_(lse[:, None]).exp_()
@@ -76,24 +76,40 @@ class HeadTransform:
 
 
 IDENTITY = HeadTransform()
-LSE_BLOCK_BYTES = 2 << 20  # logsumexp's scratch: under qlora_kit.memory's mmap threshold, so reused, never faulted
+# The loss works on blocks of rows of a chunk's logits, in fp32: on the CPU, 2 MiB (under
+# qlora_kit.memory's mmap threshold, so reused from the heap, never faulted in, and warm in cache);
+# on a GPU larger blocks, so that kernel launches do not add up (a 128k vocabulary: 128 rows a block).
+LOSS_BLOCK_BYTES = {"cpu": 2 << 20}
+LOSS_BLOCK_BYTES_ACCELERATOR = 64 << 20
 
 
-def lse_block_rows(vocab: int, element_size: int = 4) -> int:
-    """Rows of logits per block of logsumexp_rows: at most LSE_BLOCK_BYTES of them, at least one."""
-    return max(1, LSE_BLOCK_BYTES // (vocab * element_size))
+def loss_block_rows(vocab: int, device: str | torch.device = "cpu") -> int:
+    """Rows of fp32 logits per block of the loss on this device (at least one)."""
+    kind = device.type if isinstance(device, torch.device) else str(device)
+    return max(1, LOSS_BLOCK_BYTES.get(kind, LOSS_BLOCK_BYTES_ACCELERATOR) // (4 * vocab))
 
 
-def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
-    """torch.logsumexp over the last dim, a block of rows at a time: its scratch (logits minus the
-    row maxima) is one block of at most LSE_BLOCK_BYTES, not another chunk of logits."""
-    rows = lse_block_rows(logits.shape[-1], logits.element_size())
-    if logits.shape[0] <= rows:
-        return torch.logsumexp(logits, dim=-1)
-    out = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    for r in range(0, logits.shape[0], rows):
-        torch.logsumexp(logits[r:r + rows], dim=-1, out=out[r:r + rows])
-    return out
+def rows_loss_(z: torch.Tensor, labels: torch.Tensor, transform: HeadTransform, want_grad: bool) -> torch.Tensor:
+    """Sum of the cross-entropy of z's rows (a chunk of head outputs) against labels, computed in
+    fp32 a block of rows at a time; with want_grad, z is overwritten with d(sum) / dz, in its own
+    dtype, ready for the head's input gradient.
+
+    16-bit z: each block is cast to fp32, transformed, scored and turned into its gradient, then
+    written back over z's rows; the only fp32 buffers are a block and logsumexp's scratch, never a
+    whole chunk (a 1024-token chunk of a 128k vocabulary: 525 MB of fp32 logits not made). fp32 z is
+    worked on in place."""
+    rows = loss_block_rows(z.shape[-1], z.device)
+    total = torch.zeros((), dtype=torch.float32, device=z.device)
+    for r in range(0, z.shape[0], rows):
+        block = transform.apply_(z[r:r + rows].float())  # fp32 z: its own rows, not a copy
+        y = labels[r:r + rows]
+        lse = torch.logsumexp(block, dim=-1)
+        total += (lse - block.gather(1, y[:, None]).squeeze(1)).sum()
+        if want_grad:
+            grad = transform.logit_grad_(block, lse, y)
+            if z.dtype != torch.float32:
+                z[r:r + rows].copy_(grad)
+    return total
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -102,7 +118,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
     The checkpointed alternative multiplies by the head three times (forward, recomputed forward,
     input gradient); this does it twice, like an unchunked loss, and keeps one chunk of logits at
-    a time. What it keeps for backward is d(loss)/d(hidden): the size of `hidden` itself."""
+    a time, in the compute dtype (rows_loss_ scores them in fp32 blocks and overwrites them with
+    their gradient). What it keeps for backward is d(loss)/d(hidden): the size of `hidden` itself."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_tokens, transform):
@@ -110,14 +127,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-            logits = transform.apply_(F.linear(h, weight, bias).float())
-            lse = logsumexp_rows(logits)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad is not None:  # softmax - one_hot(y), through the transform, then through the head
-                probs = transform.logit_grad_(logits, lse, y)
-                torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + chunk_tokens])
-                del probs
-            del logits  # before the next chunk's logits exist
+            z = F.linear(h, weight, bias)
+            total += rows_loss_(z, y, transform, want_grad=grad is not None)
+            if grad is not None:  # z holds softmax - one_hot(y), through the transform: through the head
+                torch.matmul(z, weight, out=grad[start:start + chunk_tokens])
+            del z  # before the next chunk's logits exist
         ctx.save_for_backward(grad)
         return total
 

@@ -9,10 +9,11 @@ mapping of its own instead, returned when freed, at the price of faulting its pa
 (zeroed by the kernel) at each use, which is dear on virtual machines.
 
 The default fixes the threshold at 4 MiB and trims the heap (`malloc_trim`) where a phase of work
-ends: after loading, after each decoder block that keeps its internals for the backward pass (its
-freed scratch sits between the tensors it keeps: on a 12-layer, 1024-wide Llama with no block
-checkpointed, 260 MiB of it by the end of the forward pass), before the output head's logits, after
-each optimiser step and evaluation.
+ends: after loading; after each decoder block that keeps its internals for the backward pass, in the
+forward pass and again in the backward pass (its freed scratch sits between the tensors it keeps: on
+a 12-layer, 1024-wide Llama with no block checkpointed, 260 MiB of it by the end of the forward pass
+and 160 MiB more by the end of the backward pass); before the output head's logits; after each
+optimiser step and evaluation.
 Tensors under 4 MiB reuse heap pages within a step; larger ones come and go with their mappings;
 the peak stays the step's tensors, as qlora_kit.plan counts them. Measured with
 benchmarks/vs_recipe.py (1024-wide, 12-layer Llama, 4-bit, batch 4 x 256, our side alone) on a
@@ -95,7 +96,8 @@ _HOOK = "_qlora_kit_release_hook"
 
 def release_after_forward(module, on: bool = True) -> None:
     """Call `release_freed_memory` each time module's forward pass ends on the CPU while autograd
-    records (a decoder block that keeps its internals for the backward pass); on=False removes it."""
+    records (a decoder block that keeps its internals for the backward pass), and again when the
+    backward pass reaches its output (the block after it has freed what it kept); on=False removes it."""
     handle = module.__dict__.pop(_HOOK, None)
     if handle is not None:
         handle.remove()
@@ -109,7 +111,14 @@ def _release_after_block(module, args, output) -> None:
     first = output[0] if isinstance(output, (tuple, list)) else output
     if isinstance(first, torch.Tensor) and first.device.type == "cpu" and torch.is_grad_enabled():
         release_freed_memory()
+        if first.requires_grad:
+            first.register_hook(_release_in_backward)
     return None  # a forward hook's non-None result would replace the block's output
+
+
+def _release_in_backward(grad) -> None:
+    release_freed_memory()
+    return None  # the gradient passes unchanged
 
 
 def release_freed_memory() -> bool:

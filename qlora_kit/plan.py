@@ -19,8 +19,8 @@ What stays alive with per-block, non-reentrant gradient checkpointing:
   * every decoder block's input hidden state (batch x seq x hidden, compute dtype);
   * during the backward pass, one block recomputed with everything its backward needs, plus the
     gradients flowing through it;
-  * the chunked loss (losses.py): one chunk's fp32 logits, their 16-bit source or logsumexp's
-    scratch of a few rows, and the hidden-sized tensors around the head.
+  * the chunked loss (losses.py): one chunk's logits in the compute dtype, two blocks of fp32
+    rows, and the hidden-sized tensors around the head.
 Without checkpointing every block keeps its internals from the forward pass to the backward pass.
 Checkpointing some blocks mixes the two; the first ones are checkpointed, because the backward pass
 reaches them last: by then the unchecked blocks' internals are freed, so only one of the two kinds
@@ -36,7 +36,7 @@ import torch
 
 from .errors import QLoraKitError, closest
 from .lora import LoraConfig
-from .losses import lse_block_rows
+from .losses import loss_block_rows
 from .memory import policy as allocator_policy
 from .optim import DEFAULT_OPTIMIZER, OPTIMIZERS, optimizer_bytes
 from .quant import QuantConfig, dtype_name, resolve_dtype
@@ -58,10 +58,12 @@ MiB = 1024 ** 2
 #     buffers): peak RSS minus RSS before the steps minus the step's tensors, 18-87 MiB (fp32
 #     18-87, bf16 21-58; fp16 22-33 before the 4 MiB threshold).
 #   Freed step tensors of 4 MiB and more leave the resident set at once under that threshold, and
-#   smaller ones are trimmed from the heap after each unchecked block's forward pass, before the
-#   logits and after each step, so the CPU plan has no fragmentation term (without the per-block
-#   trim a 12-layer, 1024-wide Llama with no block checkpointed peaked 9% over its plan, at the end
-#   of the forward pass: 1616 MiB against 1499; with it 1488). (The 560 MiB + 50% of the step's bytes used before were fitted when
+#   smaller ones are trimmed from the heap after each unchecked block, in the forward and the
+#   backward pass, before the logits and after each step, so the CPU plan has no fragmentation term
+#   (without the per-block trims a 12-layer, 1024-wide Llama with no block checkpointed peaked 9%
+#   over its plan at the end of the forward pass, and from the third step on 5-7% over it at the end
+#   of the backward pass, where glibc placed new tensors on trimmed pages while freed ones stayed
+#   resident; with them, on plan within 1%). (The 560 MiB + 50% of the step's bytes used before were fitted when
 #   glibc kept freed blocks resident.)
 # CUDA, assumed, not yet measured (scripts/gpu_check.sh will): the CUDA context, cuBLAS workspaces
 #   and loaded kernels (about 0.5 GiB with lazy module loading, CUDA >= 11.7), plus the caching
@@ -189,16 +191,17 @@ def shared_dropout_bytes(shape: ModelShape, lora: LoraConfig, targeted: set[str]
     return ab * last * tokens
 
 
-def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int) -> int:
-    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head): a chunk's fp32 logits,
-    beside them either the 16-bit head output they are cast from (and later the 16-bit copy of the
-    probabilities the input gradient is multiplied from: 2 more bytes a logit) or logsumexp's scratch
-    of one block of rows (losses.LSE_BLOCK_BYTES), whichever is more. One chunk at a time: a chunk's
-    logits are freed before the next one's exist. Plus the input gradient it keeps for backward (the
-    size of the final hidden states)."""
+def loss_bytes(shape: ModelShape, tokens: int, chunk_tokens: int, cb: int, device: str = "cpu") -> int:
+    """Peak of the chunked head + cross-entropy (qlora_kit.losses, frozen head): a chunk's logits in the
+    compute dtype, which the loss overwrites with their gradient, and beside them two blocks of fp32
+    rows (losses.loss_block_rows: 2 MiB on the CPU): a 16-bit block's fp32 copy and logsumexp's
+    scratch (or soft-capping's slope); with fp32 compute the block is the chunk's own rows, and
+    logsumexp's scratch or the slope the second. One chunk at a time: a chunk's logits are freed
+    before the next one's exist. Plus the input gradient it keeps for backward (the size of the
+    final hidden states)."""
     chunk = min(chunk_tokens, tokens)
-    scratch = min(chunk, lse_block_rows(shape.vocab)) * 4 * shape.vocab
-    logits = 4 * chunk * shape.vocab + max(2 * chunk * shape.vocab if cb < 4 else 0, scratch)
+    block = min(chunk, loss_block_rows(shape.vocab, device)) * 4 * shape.vocab
+    logits = cb * chunk * shape.vocab + (2 if cb < 4 else 1) * block
     return logits + cb * tokens * shape.hidden
 
 
@@ -376,7 +379,7 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     # The backward pass runs the loss (one chunk of logits at a time), then the blocks from the last:
     # the unchecked ones first, with all of them still holding their internals, then the
     # checkpointed ones, each recomputed, when only the checkpointed inputs are left.
-    logits = loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb)
+    logits = loss_bytes(shape, batch * (seq_len - 1), chunk_tokens, cb, device)
     at_loss = kept + around_loss + final_norm
     in_blocks = max(kept + block_backward_transient(shape, tokens, cb, quant, False) if free else 0,
                     k * residual + rotary + per_block + block_backward_transient(shape, tokens, cb, quant, True)

@@ -121,10 +121,11 @@ def test_load_and_every_training_step_release_freed_memory(tmp_path, tiny_dir, m
     assert calls.count("train") >= 4 + 2  # four steps, and the evaluations (before, at step 2 and 4)
 
 
-def test_unchecked_blocks_release_their_scratch_after_the_forward_pass(tiny_dirs, monkeypatch):
+def test_unchecked_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkeypatch):
     """A block that keeps its internals for the backward pass trims the heap once its forward pass
-    ends (its freed scratch lies between the tensors it keeps); a checkpointed block does not, nor
-    does any block without autograd recording. The block's output is untouched."""
+    ends (its freed scratch lies between the tensors it keeps), and again when the backward pass
+    reaches its output; a checkpointed block does not, nor does any block without autograd
+    recording. Outputs and gradients are untouched."""
     from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, set_gradient_checkpointing
     from qlora_kit import memory
 
@@ -134,15 +135,23 @@ def test_unchecked_blocks_release_their_scratch_after_the_forward_pass(tiny_dirs
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1))
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def forward():
         calls.clear()
         return model(input_ids=ids, use_cache=False).logits
 
+    reference = None
     for blocks, unchecked in ((1, 2), (False, 3), (True, 0), (3, 0), (0, 3)):
         set_gradient_checkpointing(model, blocks)
         out = forward()
         assert len(calls) == unchecked, blocks
+        grads = torch.autograd.grad(out.square().mean(), params)
+        assert len(calls) == 2 * unchecked, blocks
+        reference = reference or (out.detach(), grads)
+        torch.testing.assert_close(out, reference[0], rtol=0, atol=0)
+        for g, r in zip(grads, reference[1]):
+            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
         with torch.no_grad():
             assert torch.equal(forward(), out)
         assert not calls

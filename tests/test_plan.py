@@ -222,9 +222,9 @@ def test_block_phase_matches_the_tensors_a_step_creates(tiny_dirs, kind, checkpo
         loss.backward()
     plan = plan_memory(model, quant, lora, batch=2, seq_len=128, gradient_checkpointing=checkpointing,
                        device="cpu", dtype=dtype)
-    if type(checkpointing) is bool:
+    if checkpointing is True or (checkpointing is False and dtype == torch.float32):
         assert "decoder block" in plan.notes[0] and plan.components["logits_loss"] == 0
-    # (with some blocks checkpointed and 16-bit compute the loss's moment wins: its logits count too)
+    # (with some or no blocks checkpointed and 16-bit compute the loss's moment wins: its logits count too)
     assert plan.components["activations"] + plan.components["logits_loss"] == pytest.approx(live.peak, rel=0.04)
 
 
@@ -246,8 +246,8 @@ def _status(key: str) -> int:
 def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     """The chunked loss's peak, as the kernel counts it (the resident set's high-water mark, with
     freed blocks of 1 MiB and more returned at once, as QLORA_KIT_MALLOC_THRESHOLD=1048576 arranges): one
-    chunk's fp32 logits, with their 16-bit source (16-bit compute) or logsumexp's scratch of a few rows
-    beside them, however many chunks. Within 5%."""
+    chunk's logits in the compute dtype and two blocks of fp32 rows beside them, however many chunks.
+    Within 5%."""
     from qlora_kit.memory import configure_allocator
 
     configure_allocator(1 << 20)  # every block of 1 MiB and more its own mapping: the peak is the tensors'
