@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import QLoraKitError, first_few
-from .memory import configure_allocator, release_after_forward, release_freed_memory
+from .memory import configure_allocator, release_after_block, release_freed_memory
 from .modeltree import checkpointed_blocks, decoder_layers, linear_layer_names, set_module
 from .dtypes import resolve_dtype
 from .moe import ExpertAssembler, ExpertLayout, MoeExperts
@@ -195,7 +195,8 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool | int = True) -> 
     enabled: True for every block, False for none, or a number of blocks: the first ones, whose
     recomputation comes last in the backward pass, when the unchecked blocks have freed their
     internals (qlora_kit.plan picks that number for a memory budget). On the CPU the heap is trimmed
-    after each unchecked block's forward pass (qlora_kit.memory), so the peak is the plan's."""
+    after each unchecked block's forward pass and each block's backward pass (qlora_kit.memory), so
+    the peak is the plan's."""
     layers = decoder_layers(model)
     blocks = checkpointed_blocks(enabled, len(layers))
     kwargs = {"use_reentrant": False}
@@ -208,5 +209,5 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool | int = True) -> 
     for i, layer in enumerate(layers):
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = i < blocks
-        release_after_forward(layer, on=i >= blocks)
+        release_after_block(layer, forward=i >= blocks, backward=True)
     model.config.use_cache = not blocks

@@ -9,11 +9,12 @@ mapping of its own instead, returned when freed, at the price of faulting its pa
 (zeroed by the kernel) at each use, which is dear on virtual machines.
 
 The default fixes the threshold at 4 MiB and trims the heap (`malloc_trim`) where a phase of work
-ends: after loading; after each decoder block that keeps its internals for the backward pass, in the
-forward pass and again in the backward pass (its freed scratch sits between the tensors it keeps: on
-a 12-layer, 1024-wide Llama with no block checkpointed, 260 MiB of it by the end of the forward pass
-and 160 MiB more by the end of the backward pass); before the output head's logits; after each
-optimiser step and evaluation.
+ends: after loading; after each decoder block whose hidden states take 1 MiB or more, in the forward
+pass if it keeps its internals for the backward pass (its freed scratch sits between the tensors it
+keeps: on a 12-layer, 1024-wide Llama with no block checkpointed, 260 MiB of it by the end of the
+forward pass) and in the backward pass (glibc otherwise places new tensors on trimmed pages while
+freed ones stay resident: 5-7% over the plan from the third step on); before the output head's
+logits; after each optimiser step and evaluation.
 Tensors under 4 MiB reuse heap pages within a step; larger ones come and go with their mappings;
 the peak stays the step's tensors, as qlora_kit.plan counts them. Measured with
 benchmarks/vs_recipe.py (1024-wide, 12-layer Llama, 4-bit, batch 4 x 256, our side alone) on a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -92,26 +94,34 @@ def configure_allocator(threshold: int | None = None) -> bool:
 
 
 _HOOK = "_qlora_kit_release_hook"
+# Blocks whose hidden states are smaller keep sub-MiB tensors, whose freed pages glibc reuses well
+# enough: a trim per block would cost more in page faults than it returns (SmolLM2, 384 tokens,
+# 30 blocks: steps about 9% slower, 65 MiB less).
+PER_BLOCK_MIN_BYTES = 1 << 20
 
 
-def release_after_forward(module, on: bool = True) -> None:
-    """Call `release_freed_memory` each time module's forward pass ends on the CPU while autograd
-    records (a decoder block that keeps its internals for the backward pass), and again when the
-    backward pass reaches its output (the block after it has freed what it kept); on=False removes it."""
+def release_after_block(module, forward: bool = True, backward: bool = True) -> None:
+    """Call `release_freed_memory` on the CPU while autograd records: with forward, each time module's
+    forward pass ends (a decoder block that keeps its internals for the backward pass: its freed
+    scratch lies between them); with backward, when the backward pass reaches module's output (the
+    block after it has freed what it kept or recomputed). Both False removes the hook."""
     handle = module.__dict__.pop(_HOOK, None)
     if handle is not None:
         handle.remove()
-    if on:
-        module.__dict__[_HOOK] = module.register_forward_hook(_release_after_block)
+    if forward or backward:
+        hook = functools.partial(_release_after_block, forward=forward, backward=backward)
+        module.__dict__[_HOOK] = module.register_forward_hook(hook)
 
 
-def _release_after_block(module, args, output) -> None:
+def _release_after_block(module, args, output, forward: bool, backward: bool) -> None:
     import torch
 
     first = output[0] if isinstance(output, (tuple, list)) else output
-    if isinstance(first, torch.Tensor) and first.device.type == "cpu" and torch.is_grad_enabled():
-        release_freed_memory()
-        if first.requires_grad:
+    if (isinstance(first, torch.Tensor) and first.device.type == "cpu" and torch.is_grad_enabled()
+            and first.numel() * first.element_size() >= PER_BLOCK_MIN_BYTES):
+        if forward:
+            release_freed_memory()
+        if backward and first.requires_grad:
             first.register_hook(_release_in_backward)
     return None  # a forward hook's non-None result would replace the block's output
 

@@ -58,8 +58,9 @@ MiB = 1024 ** 2
 #     buffers): peak RSS minus RSS before the steps minus the step's tensors, 18-87 MiB (fp32
 #     18-87, bf16 21-58; fp16 22-33 before the 4 MiB threshold).
 #   Freed step tensors of 4 MiB and more leave the resident set at once under that threshold, and
-#   smaller ones are trimmed from the heap after each unchecked block, in the forward and the
-#   backward pass, before the logits and after each step, so the CPU plan has no fragmentation term
+#   smaller ones are trimmed from the heap after each block (hidden states of 1 MiB or more: after
+#   an unchecked one's forward pass, after every one's backward pass), before the logits and after
+#   each step, so the CPU plan has no fragmentation term
 #   (without the per-block trims a 12-layer, 1024-wide Llama with no block checkpointed peaked 9%
 #   over its plan at the end of the forward pass, and from the third step on 5-7% over it at the end
 #   of the backward pass, where glibc placed new tensors on trimmed pages while freed ones stayed

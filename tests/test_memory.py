@@ -121,11 +121,11 @@ def test_load_and_every_training_step_release_freed_memory(tmp_path, tiny_dir, m
     assert calls.count("train") >= 4 + 2  # four steps, and the evaluations (before, at step 2 and 4)
 
 
-def test_unchecked_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkeypatch):
+def test_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkeypatch):
     """A block that keeps its internals for the backward pass trims the heap once its forward pass
-    ends (its freed scratch lies between the tensors it keeps), and again when the backward pass
-    reaches its output; a checkpointed block does not, nor does any block without autograd
-    recording. Outputs and gradients are untouched."""
+    ends (its freed scratch lies between the tensors it keeps); every block trims it when the
+    backward pass reaches its output. Nothing without autograd recording, nor for blocks whose
+    hidden states are under memory.PER_BLOCK_MIN_BYTES. Outputs and gradients are untouched."""
     from qlora_kit import LoraConfig, QuantConfig, add_lora, load_model, set_gradient_checkpointing
     from qlora_kit import memory
 
@@ -135,6 +135,7 @@ def test_unchecked_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkey
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(memory, "PER_BLOCK_MIN_BYTES", 2 * 16 * 64 * 4)  # this model's hidden states, fp32
     params = [p for p in model.parameters() if p.requires_grad]
 
     def forward():
@@ -147,7 +148,7 @@ def test_unchecked_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkey
         out = forward()
         assert len(calls) == unchecked, blocks
         grads = torch.autograd.grad(out.square().mean(), params)
-        assert len(calls) == 2 * unchecked, blocks
+        assert len(calls) == unchecked + 3, blocks
         reference = reference or (out.detach(), grads)
         torch.testing.assert_close(out, reference[0], rtol=0, atol=0)
         for g, r in zip(grads, reference[1]):
@@ -155,3 +156,7 @@ def test_unchecked_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkey
         with torch.no_grad():
             assert torch.equal(forward(), out)
         assert not calls
+    monkeypatch.setattr(memory, "PER_BLOCK_MIN_BYTES", 2 * 16 * 64 * 4 + 1)
+    set_gradient_checkpointing(model, False)
+    torch.autograd.grad(forward().square().mean(), params)
+    assert not calls
