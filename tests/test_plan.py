@@ -248,7 +248,7 @@ def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     freed blocks of 1 MiB and more returned at once, as QLORA_KIT_MALLOC_THRESHOLD=1048576 arranges): one
     chunk's logits in the compute dtype and two blocks of fp32 rows beside them, however many chunks.
     Within 5%."""
-    from qlora_kit.memory import configure_allocator, release_freed_memory
+    from qlora_kit.memory import configure_allocator
 
     configure_allocator(1 << 20)  # every block of 1 MiB and more its own mapping: the peak is the tensors'
     vocab, hidden, chunk = 32000, 16, 256
@@ -261,9 +261,6 @@ def test_loss_peak_is_the_resident_memory_it_takes(positions, dtype):
     chunked_lm_loss(head, states, labels, chunk_tokens=chunk)[0].backward()
     states.grad = None
     gc.collect()
-    # free heap pages that earlier tests left resident would hold the loss's tensors unseen: hand them
-    # back first, so every page the loss touches counts (a whole-suite run measured 4 MiB under the plan)
-    release_freed_memory()
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     total, n = chunked_lm_loss(head, states, labels, chunk_tokens=chunk)
