@@ -79,14 +79,14 @@ IDENTITY = HeadTransform()
 # The loss works on blocks of rows of a chunk's logits, in fp32: on the CPU, 2 MiB (under
 # qlora_kit.memory's mmap threshold, so reused from the heap, never faulted in, and warm in cache);
 # on a GPU larger blocks, so that kernel launches do not add up (a 128k vocabulary: 128 rows a block).
-LOSS_BLOCK_BYTES = {"cpu": 2 << 20}
+LOSS_BLOCK_BYTES_CPU = 2 << 20
 LOSS_BLOCK_BYTES_ACCELERATOR = 64 << 20
 
 
 def loss_block_rows(vocab: int, device: str | torch.device = "cpu") -> int:
     """Rows of fp32 logits per block of the loss on this device (at least one)."""
-    kind = device.type if isinstance(device, torch.device) else str(device)
-    return max(1, LOSS_BLOCK_BYTES.get(kind, LOSS_BLOCK_BYTES_ACCELERATOR) // (4 * vocab))
+    cpu = getattr(device, "type", device) == "cpu"
+    return max(1, (LOSS_BLOCK_BYTES_CPU if cpu else LOSS_BLOCK_BYTES_ACCELERATOR) // (4 * vocab))
 
 
 def rows_loss_(z: torch.Tensor, labels: torch.Tensor, transform: HeadTransform, want_grad: bool) -> torch.Tensor:
@@ -189,8 +189,8 @@ def _between_body_and_head(hidden: torch.Tensor) -> None:
     """On the CPU, hand the blocks' freed scratch back before the logits arrive (qlora_kit.memory):
     a checkpointed forward pass frees each block's internals into glibc's heap, which would keep them
     resident through the loss, the usual peak of a step."""
-    if hidden.device.type == "cpu" and torch.is_grad_enabled():
-        release_freed_memory()
+    if torch.is_grad_enabled():
+        release_freed_memory(hidden.device)
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

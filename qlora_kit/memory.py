@@ -39,6 +39,8 @@ import functools
 import os
 import sys
 
+import torch
+
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 DEFAULT_THRESHOLD = 4 << 20
 _fixed: int | None = None
@@ -114,8 +116,6 @@ def release_after_block(module, forward: bool = True, backward: bool = True) -> 
 
 
 def _release_after_block(module, args, output, forward: bool, backward: bool) -> None:
-    import torch
-
     first = output[0] if isinstance(output, (tuple, list)) else output
     if (isinstance(first, torch.Tensor) and first.device.type == "cpu" and torch.is_grad_enabled()
             and first.numel() * first.element_size() >= PER_BLOCK_MIN_BYTES):
@@ -131,10 +131,11 @@ def _release_in_backward(grad) -> None:
     return None  # the gradient passes unchanged
 
 
-def release_freed_memory() -> bool:
+def release_freed_memory(device=None) -> bool:
     """Give the heap's free pages back to the system (malloc_trim); a phase of work has ended. Returns
-    whether anything was released; a no-op under QLORA_KIT_MALLOC_THRESHOLD=0 and without glibc."""
-    if policy() == "glibc":
+    whether anything was released; a no-op under QLORA_KIT_MALLOC_THRESHOLD=0, without glibc, and for
+    work on a `device` other than the CPU (a GPU's tensors live in torch's caching allocator)."""
+    if getattr(device, "type", device) not in (None, "cpu") or policy() == "glibc":
         return False
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))

@@ -410,8 +410,7 @@ def _step(run: Run, data: Data, learner: Learner, batches, step: int) -> tuple[f
     taken = scaler.step(learner.optimizer)
     learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
-    if accelerator.device.type == "cpu":  # the host heap; a GPU's tensors live in torch's caching allocator
-        release_freed_memory()  # the step's freed tensors: reused within it, returned between steps
+    release_freed_memory(accelerator.device)  # the step's freed tensors: reused within it, returned between steps
     if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         _diverged(run.plan, f"{scaler.skipped_in_a_row} fp16 steps in a row overflowed (loss {step_loss} at "
                             f"step {step}, loss scale now {scaler.scale_value:g}): lowering the scale no longer "
@@ -477,8 +476,7 @@ def _evaluate(run: Run, data: Data, learner: Learner) -> dict:
         measured = evaluate_pairs(learner.loss_module, data.eval, t.batch_size, data.pad_id, accelerator.device,
                                   accelerator)
         row = {f"eval_{k}": v for k, v in measured.items()}
-    if accelerator.device.type == "cpu":
-        release_freed_memory()
+    release_freed_memory(accelerator.device)
     return row
 
 

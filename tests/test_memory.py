@@ -114,7 +114,7 @@ def test_load_and_every_training_step_release_freed_memory(tmp_path, tiny_dir, m
 
     calls = []
     monkeypatch.setattr(loading, "release_freed_memory", lambda: calls.append("load"))
-    monkeypatch.setattr(trainer, "release_freed_memory", lambda: calls.append("train"))
+    monkeypatch.setattr(trainer, "release_freed_memory", lambda device=None: calls.append("train"))
     raw = make_config(tmp_path, tiny_dir, compute_dtype="fp32", max_steps=4, eval_every=2, save_every=4)
     trainer.train(raw, progress=False)
     assert calls.count("load") >= 1
@@ -160,3 +160,22 @@ def test_blocks_release_their_scratch_in_both_passes(tiny_dirs, monkeypatch):
     set_gradient_checkpointing(model, False)
     torch.autograd.grad(forward().square().mean(), params)
     assert not calls
+
+
+def test_release_is_for_the_host_heap_only(monkeypatch):
+    """Work on a GPU leaves the host heap alone: its tensors live in torch's caching allocator."""
+    from qlora_kit import memory
+
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return 1
+
+    monkeypatch.delenv("QLORA_KIT_MALLOC_THRESHOLD", raising=False)
+    monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc())
+    assert not memory.release_freed_memory("cuda") and not memory.release_freed_memory(torch.device("cuda", 0))
+    assert trims == []
+    assert memory.release_freed_memory(torch.device("cpu")) and memory.release_freed_memory()
+    assert trims == [0, 0]
