@@ -74,3 +74,38 @@ def test_the_models_logit_scaling_and_soft_capping_are_in_the_loss(tiny_dirs, ar
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.model.norm.weight.grad, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("transform", [HeadTransform(), HeadTransform(scale=0.5, softcap=30.0)],
+                         ids=["plain", "scaled-softcapped"])
+def test_the_fused_loss_scores_blocks_of_rows_as_autograd_would(dtype, transform):
+    """The frozen-head loss scores each chunk in fp32 blocks of rows (several per chunk here: 50k
+    vocabulary, 10 rows a block) and overwrites the chunk's logits, in the compute dtype, with their
+    gradient: the same loss and input gradient as autograd through head(h).float() and cross-entropy."""
+    from qlora_kit.losses import loss_block_rows
+
+    vocab, hidden = 50000, 16
+    assert loss_block_rows(vocab) < 24  # more than one block in a chunk
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g).to(dtype))
+    states = torch.randn(2, 25, hidden, generator=g).to(dtype)
+    labels = torch.randint(0, vocab, (2, 25), generator=g)
+    labels[0, :4] = IGNORE_INDEX
+    h = states.clone().requires_grad_(True)
+    total, n = chunked_lm_loss(head, h, labels, chunk_tokens=24, transform=transform)
+    total.backward()
+    ref_h = states.clone().requires_grad_(True)
+    flat = ref_h[:, :-1].reshape(-1, hidden)
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(transform(head(flat[keep]).float()), y[keep], reduction="sum")
+    ref.backward()
+    assert n == int(keep.sum()) and h.grad.dtype == dtype
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-4)
+    # input gradients of order 1, each a sum over 50k vocabulary rows: fp32 summation order alone moves
+    # them by ~1e-5; 16-bit both ways round the probabilities to the compute dtype before the matmul
+    tol = {torch.float32: (1e-4, 5e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=tol[0], atol=tol[1])
