@@ -28,6 +28,7 @@ from .memory import configure_allocator, release_after_block, release_freed_memo
 from .modeltree import checkpointed_blocks, decoder_layers, linear_layer_names, set_module
 from .dtypes import resolve_dtype
 from .moe import ExpertAssembler, ExpertLayout, MoeExperts
+from .norms import fuse_norms
 from .quant import QuantConfig, QuantLinear
 from .record import record_of
 from .tensorfiles import count_tensors, iter_safetensors, safetensors_files
@@ -133,6 +134,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = QuantConfig(), devi
         model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(False)
+    fuse_norms(model)  # each RMSNorm one autograd node that saves its 16-bit input (norms.py)
     if device.type != "cpu":
         model.to(device)  # the computed buffers (rotary tables) were built on the CPU
     record = record_of(model)

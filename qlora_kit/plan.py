@@ -101,9 +101,9 @@ def block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str
 
     Read off the tensors autograd saves (tests/test_plan.py counts them with saved-tensor hooks).
     QuantLinear saves no input (its weight is frozen and dequantised again in backward), so what is
-    saved is the norms' fp32 inputs, the LoRA branches' inputs, attention's q/k/v/output/logsumexp,
-    and the MLP's gate, act(gate) and up outputs. With fp32 compute the first norm's fp32 input is
-    the block's input itself, not a copy."""
+    saved is the norms' inputs (qlora_kit.norms keeps them in the compute dtype) and 1/rms per row,
+    the LoRA branches' inputs, attention's q/k/v/output/logsumexp, and the MLP's gate, act(gate) and
+    up outputs. The first norm's input is the block's input, counted by the caller."""
     h, i = shape.hidden, shape.mlp_width
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     ab = torch.finfo(lora.dtype).bits // 8
@@ -129,12 +129,11 @@ def block_saved_per_token(shape: ModelShape, lora: LoraConfig, targeted: set[str
             return (1 + ab) * width
         return cb * width if not dropout and ab == cb else 0
 
-    copied_norm_inputs = shape.norms_per_layer - (1 if cb == 4 else 0)
-    total = copied_norm_inputs * 4 * h + shape.norms_per_layer * 4   # RMSNorm's fp32 input and 1/rms
+    total = (shape.norms_per_layer - 1) * cb * h + shape.norms_per_layer * 4   # the norms' inputs and 1/rms
     total += shared(("q_proj", "k_proj", "v_proj"), h) + sum(branch(s, h) for s in ("q_proj", "k_proj", "v_proj"))
     total += cb * (2 * q + 2 * kv) + 4 * shape.heads    # rotated q, k; v; attention output; logsumexp
-    if shape.qk_norm:
-        total += 4 * (q + kv)
+    if shape.qk_norm:   # per head: q and k before their norms, and 1/rms
+        total += cb * (q + kv) + 4 * (shape.heads + shape.kv_heads)
     # undropped, o_proj's input is attention's output, which attention saves already
     total += (shared(("o_proj",), q) if one_mask else 0) + branch("o_proj", q)
     total += shared(("gate_proj", "up_proj"), h) + branch("gate_proj", h) + branch("up_proj", h)
@@ -177,7 +176,7 @@ def block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: Qua
     weight = 0 if quant is None else cb * largest
     int8_copy = 4 * largest if quant is not None and quant.bits == 8 and cb != 4 else 0
     mlp = grads + weight + max(out, int8_copy)
-    norm = (5 * 4 * h + cb * h) * tokens
+    norm = (2 * 4 * h + 2 * cb * h) * tokens
     return max(mlp, norm)
 
 
@@ -363,14 +362,13 @@ def plan_memory(model_or_config: Any, quant: QuantConfig | None = QuantConfig(),
     per_block = block_saved_per_token(shape, lora, targeted, cb) * tokens + block_constants(shape, lora, targeted)
     residual = cb * h * tokens
     rotary = 2 * cb * seq_len * shape.head_dim * shape.rotary_tables   # cos and sin, shared by the blocks
-    # Around the head: the final norm's fp32 input and its output, the loss's copy of the positions
-    # it scores (the input gradient is in loss_bytes).
-    final_norm = (4 + 2 * cb) * h * tokens
+    # Around the head: the final norm's input and its output, the loss's copy of the positions it
+    # scores (the input gradient is in loss_bytes).
+    final_norm = 3 * cb * h * tokens
     # Alive from the forward pass into the backward pass: a checkpointed block's input, an
-    # unchecked block's saved internals. An unchecked block's first norm also saves its fp32 input
-    # (with fp32 compute the block's input itself, which per_block leaves out), except the first
-    # block's: its input needs no gradient.
-    norm_inputs = (free * 4 * h * tokens if cb == 4 else 0) - (4 * h * tokens if k == 0 else 0)
+    # unchecked block's saved internals. An unchecked block's first norm also saves the block's
+    # input (which per_block leaves out), except the first block's: its input needs no gradient.
+    norm_inputs = free * residual - (residual if k == 0 else 0)
     kept = k * residual + free * per_block + norm_inputs + rotary
     # While the loss runs, the previous step's loss tensor (alive until the new one replaces it)
     # still holds, through the first checkpointed block, its embedding output and one gradient of
