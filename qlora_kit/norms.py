@@ -6,9 +6,9 @@ copy of every norm's input (4 bytes per hidden unit and token, twice per block) 
 ten full passes over the hidden states per norm, forward and backward, most of them in fp32
 (on a 12-layer, 1024-wide Llama in bf16: 5% of the step in casts, 96 MiB of saved copies).
 
-`RMSNorm` computes the same function in three passes forward (the row norms accumulated in fp32
-from the 16-bit input, the normalised rows rounded once, the scale) and saves the 16-bit input and
-one fp32 number per row. Its backward pass runs in fp32, as transformers' does. `fuse_norms`
+`RMSNorm` computes the same function, op for op, a block of rows at a time (on the CPU a block's
+fp32 copy stays in cache), and saves the 16-bit input and one fp32 number per row. Its backward
+pass runs in fp32, as transformers' does, block by block too. `fuse_norms`
 replaces the model's norms with it, module for module, keeping their weights (and so the state
 dict's names).
 
@@ -28,61 +28,77 @@ CAST_THEN_SCALE = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNo
 SCALE_THEN_CAST = {"Olmo2RMSNorm": 0.0, "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.0, "Gemma3RMSNorm": 1.0}  # the offset
 
 
-def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(mean(x^2) + eps) per row, in fp32. A 16-bit x is read once, its squares summed in
-    fp32 (no fp32 copy of it: the sum's order differs from transformers', which can move a rounding
-    of the 16-bit output); fp32 the way transformers computes it, so that fp32 outputs are its own
-    to the bit."""
-    if x.dtype == torch.float32:
-        return x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-    return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+# Rows per block: on the CPU about 256 KiB of fp32 at a time, so that every pass over a block reads
+# it from cache and no hidden-sized fp32 temporary is ever allocated (a fresh 4 MiB tensor costs
+# its page faults each time); an accelerator takes all rows at once.
+BLOCK_BYTES_CPU = 256 << 10
+
+
+def _row_blocks(rows: int, hidden: int, device: torch.device) -> tuple[range, int]:
+    step = max(1, BLOCK_BYTES_CPU // (4 * hidden)) if device.type == "cpu" else max(rows, 1)
+    return range(0, rows, step), step
 
 
 class _RMSNormFunction(torch.autograd.Function):
+    """offset None: weight * (x * rstd).to(dtype); a number: ((x * rstd) * (offset + weight)).to(dtype).
+    The forward pass is transformers' arithmetic, op for op, a block of rows at a time: the same
+    numbers to the bit in every dtype."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float | None) -> torch.Tensor:
-        rstd = _rstd(x, eps)
-        if offset is not None:
-            scaled = torch.mul(x, rstd)          # fp32: x is promoted exactly
-            out = torch.empty_like(x)
-            torch.mul(scaled, weight.float() + offset, out=out)   # computed in fp32, rounded once
-        else:
-            normed = torch.empty_like(x)
-            torch.mul(x, rstd, out=normed)        # computed in fp32, rounded once to x's dtype
-            out = normed.mul_(weight) if weight.dtype == x.dtype else weight * normed
+        rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+        flat = x.reshape(rows, hidden)
+        out = torch.empty(rows, hidden, dtype=torch.result_type(flat, weight) if offset is None else x.dtype,
+                          device=x.device)
+        rstd = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        scale = weight.float() + offset if offset is not None else weight
+        starts, step = _row_blocks(rows, hidden, x.device)
+        for i in starts:
+            xf = flat[i:i + step].float()
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            rstd[i:i + step] = r
+            normed = xf * r
+            if offset is None:
+                out[i:i + step] = scale * normed.to(x.dtype)
+            else:
+                out[i:i + step] = normed * scale
         ctx.save_for_backward(x, rstd, weight)
         ctx.offset = offset
-        return out
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, rstd, weight = ctx.saved_tensors
-        # The gradient reaching the fp32 normalised rows, as transformers' chain computes it: through
-        # the 16-bit product with the weight (rounded), or the fp32 product with 1 + weight.
-        if ctx.offset is not None:
-            upstream = grad * (weight.float() + ctx.offset)
-        elif grad.dtype == weight.dtype == x.dtype:
-            upstream = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-            torch.mul(grad, weight, out=upstream)    # computed in the compute dtype, then widened
-        else:
-            upstream = (grad * weight).to(x.dtype).float()
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[1]:
-            if ctx.offset is not None:
-                grad_weight = (grad.float() * (x * rstd)).sum_to_size(weight.shape).to(weight.dtype)
+        rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+        flat, grad = x.reshape(rows, hidden), grad.reshape(rows, hidden)
+        want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(flat) if want_x else None
+        grad_weight = torch.zeros(hidden, dtype=torch.float32, device=x.device) if want_weight else None
+        scale = weight.float() + ctx.offset if ctx.offset is not None else weight
+        starts, step = _row_blocks(rows, hidden, x.device)
+        for i in starts:
+            g, r = grad[i:i + step], rstd[i:i + step]
+            xf = flat[i:i + step].float()
+            # the gradient reaching the fp32 normalised rows, through the product with the weight (in
+            # the compute dtype, then widened) or with offset + weight (in fp32)
+            if ctx.offset is None:
+                upstream = (g * scale).to(x.dtype).float()
             else:
-                normed = torch.empty_like(x)
-                torch.mul(x, rstd, out=normed)
-                grad_weight = (grad * normed).sum_to_size(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            # d/dx of x * rstd(x): rstd * (g - x * rstd^2 * mean(g * x))
-            scratch = upstream * x                                   # fp32
-            coeff = scratch.sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(x.shape[-1])
-            upstream.mul_(rstd)
-            torch.mul(x, coeff, out=scratch)
-            grad_x = torch.empty_like(x)
-            torch.sub(upstream, scratch, out=grad_x)                 # computed in fp32, rounded once
+                upstream = g.float() * scale
+            if want_weight:
+                normed = xf * r
+                if ctx.offset is None:
+                    grad_weight += (g * normed.to(x.dtype)).sum(0, dtype=torch.float32)
+                else:
+                    grad_weight += (g.float() * normed).sum(0)
+            if want_x:
+                # d/dx of x * rstd(x) = rstd * g - x * rstd^3 * mean(g * x)
+                coeff = (upstream * xf).sum(-1, keepdim=True).mul_(r.pow(3)).div_(hidden)
+                grad_x[i:i + step] = upstream.mul_(r).sub_(xf.mul_(coeff))
+        if want_x:
+            grad_x = grad_x.view(x.shape)
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, None, None
 
 
