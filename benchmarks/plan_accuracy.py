@@ -72,7 +72,12 @@ def cpu_kind() -> str:
         kind = "AVX512-BF16"
     else:
         kind = "AVX512" if "avx512f" in flags else "AVX2-only"
-    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, {kind} ({' '.join(sets)})"
+    label = f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, {kind} ({' '.join(sets)})"
+    # An AVX2-only CPU, stood in for by an AVX512 one told to use AVX2 kernels only: bf16 GEMMs are
+    # emulated, as there (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 QLORA_KIT_CPU_BF16=0)
+    restricted = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "QLORA_KIT_CPU_BF16")
+                  if os.environ.get(k)]
+    return label + (f", restricted by {' '.join(restricted)}" if restricted else "")
 
 
 def fast_dtypes() -> set[str]:

@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 from export_7b import default_cache
-from plan_accuracy import reset_hwm, vm_hwm, vm_rss
+from plan_accuracy import cpu_kind, reset_hwm, vm_hwm, vm_rss
 
 PRESETS = {  # name -> Llama shape (hidden, intermediate, layers, heads, kv heads, vocab)
     "tiny": (256, 688, 2, 4, 4, 32000),
@@ -540,7 +540,8 @@ def main() -> None:
     loss_rel = abs(ours["loss_tail_mean"] - ref["loss_tail_mean"]) / abs(ref["loss_tail_mean"])
     shape = (f"{args.batch} examples a step (ours packed into rows of <= {args.seq} tokens, the recipe's padded "
              f"to the longest), tokens/s on real tokens" if real else f"batch {args.batch} x seq {args.seq}")
-    print(f"\n{args.preset}: {shape}, LoRA r{R} all seven projections, "
+    print(f"\n{cpu_kind()}")
+    print(f"{args.preset}: {shape}, LoRA r{R} all seven projections, "
           f"{args.steps} steps ({args.warmup} warm-up), threads {args.threads or 'default'}")
     head = f"{'':16s}{'tok/s':>8s}{'s/step':>8s}{'x floor':>9s}{'train RSS':>11s}{'peak RSS':>10s}" \
            f"{'model':>8s}{'trainable':>11s}{'loss 0':>8s}{'loss end':>9s}{'dtype':>10s}{'ckpt':>7s}"
@@ -558,7 +559,7 @@ def main() -> None:
         rb = summary["reference-bf16"]
         print(f"against the recipe with bf16 compute: tokens/s {ours['tokens_per_s'] / rb['tokens_per_s']:.1f}x, "
               f"peak RSS while training {ours['train_peak_rss_mib'] / rb['train_peak_rss_mib']:.2f}x")
-    results = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+    results = {"cpu": cpu_kind(), "preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                "gemm_flops": flops, "summary": summary, "ratios": ratios, "loss_rel_diff": loss_rel, "raw": raw}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     chart(summary, out / "chart.png")

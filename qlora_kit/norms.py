@@ -92,9 +92,9 @@ class _RMSNormFunction(torch.autograd.Function):
                 else:
                     grad_weight += (g.float() * normed).sum(0)
             if want_x:
-                # d/dx of x * rstd(x) = rstd * g - x * rstd^3 * mean(g * x)
+                # d/dx of x * rstd(x) = rstd * g - x * rstd^3 * mean(g * x); (xf is x itself in fp32)
                 coeff = (upstream * xf).sum(-1, keepdim=True).mul_(r.pow(3)).div_(hidden)
-                grad_x[i:i + step] = upstream.mul_(r).sub_(xf.mul_(coeff))
+                grad_x[i:i + step] = upstream.mul_(r).sub_(xf * coeff)
         if want_x:
             grad_x = grad_x.view(x.shape)
         if want_weight:

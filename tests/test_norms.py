@@ -44,6 +44,7 @@ def test_outputs_and_gradients_match_transformers(kind, dtype):
     grad = torch.randn_like(out_ref)
     out_ref.backward(grad)
     out_fused.backward(grad)
+    assert torch.equal(x_fused.detach(), x)   # the saved input is read, never written (fp32: no copy of it)
     assert out_fused.dtype == out_ref.dtype and x_fused.grad.dtype == dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out_fused, out_ref, **tol)
