@@ -165,8 +165,9 @@ def block_backward_transient(shape: ModelShape, tokens: int, cb: int, quant: Qua
     without checkpointing the saved tensors go as their backward runs, so the peak comes earlier,
     in down_proj's backward. One weight exists dequantised at a time (the largest), in the compute
     dtype; LLM.int8 makes an fp32 copy first, gone before the matmul writes its output. And the
-    post-attention RMSNorm's moment, whose backward runs in fp32: five fp32 temporaries of the
-    hidden size and the residual gradient. The MLP wins with fp32 compute, the norm often with 16-bit."""
+    post-attention norm's moment (qlora_kit.norms, whose backward runs in fp32): its incoming and
+    outgoing gradients in the compute dtype and two fp32 temporaries of the hidden size (an
+    accelerator's; the CPU's work in blocks of rows, so this errs high there)."""
     h, i = shape.hidden, shape.mlp_width
     if checkpointed:
         grads, out = (2 * cb * i + 2 * cb * h) * tokens, cb * h * tokens
