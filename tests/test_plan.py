@@ -128,12 +128,13 @@ class _nothing:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("dropout,targets", [(0.05, "all-linear"), (0.0, "all-linear"), (0.05, ["q_proj", "v_proj"]),
                                              (0.0, ["o_proj", "down_proj"])])
 def test_block_activation_model_matches_saved_tensors(tiny_dirs, arch, dropout, targets, dtype):
     """What one block saves for backward, counted with saved-tensor hooks: the per-token bytes times
-    the tokens, plus the adapters' scaled and cast weights and the rotary tables it is handed (1%)."""
+    the tokens, plus the adapters' scaled and cast weights and the rotary tables it is handed (1%).
+    Qwen3 adds the per-head q/k norms' inputs and 1/rms."""
     shape = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, layers=1)
     model, _ = load_model(tiny_dirs(arch, **shape), QuantConfig(compute_dtype=dtype), load_tokenizer=False,
                           progress=False)
