@@ -8,9 +8,6 @@ AVX2-only one, so a test relying on it would check something different on each."
 
 import functools
 import json
-import os
-import subprocess
-import sys
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -281,9 +278,9 @@ LOSS_POSITIONS = [250, 400, 700]
 def _loss_peaks(dtype: torch.dtype) -> dict[int, int]:
     """Measured in a process of its own: what earlier tests left in this one's heap (free pages kept
     resident, allocator settings) would hide the loss's tensors from the resident set."""
-    env = {k: v for k, v in os.environ.items() if k != "QLORA_KIT_MALLOC_THRESHOLD"}
-    out = subprocess.run([sys.executable, "-c", LOSS_PEAK, str(dtype).removeprefix("torch."),
-                          *map(str, LOSS_POSITIONS)], capture_output=True, text=True, check=True, env=env).stdout
+    from test_memory import _run
+
+    out = _run(LOSS_PEAK, str(dtype).removeprefix("torch."), *map(str, LOSS_POSITIONS))
     return {int(p): int(b) for p, b in (line.split() for line in out.splitlines())}
 
 
