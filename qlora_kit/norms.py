@@ -36,9 +36,8 @@ SCALE_THEN_CAST = {"Olmo2RMSNorm": 0.0, "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.
 BLOCK_BYTES_CPU = 256 << 10
 
 
-def _row_blocks(rows: int, hidden: int, device: torch.device) -> tuple[range, int]:
-    step = max(1, BLOCK_BYTES_CPU // (4 * hidden)) if device.type == "cpu" else max(rows, 1)
-    return range(0, rows, step), step
+def _rows_per_block(rows: int, hidden: int, device: torch.device) -> int:
+    return max(1, BLOCK_BYTES_CPU // (4 * hidden)) if device.type == "cpu" else max(rows, 1)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -54,8 +53,8 @@ class _RMSNormFunction(torch.autograd.Function):
                           device=x.device)
         rstd = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
         scale = weight.float() + offset if offset is not None else weight
-        starts, step = _row_blocks(rows, hidden, x.device)
-        for i in starts:
+        step = _rows_per_block(rows, hidden, x.device)
+        for i in range(0, rows, step):
             xf = flat[i:i + step].float()
             r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             rstd[i:i + step] = r
@@ -77,8 +76,8 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(flat) if want_x else None
         grad_weight = torch.zeros(hidden, dtype=torch.float32, device=x.device) if want_weight else None
         scale = weight.float() + ctx.offset if ctx.offset is not None else weight
-        starts, step = _row_blocks(rows, hidden, x.device)
-        for i in starts:
+        step = _rows_per_block(rows, hidden, x.device)
+        for i in range(0, rows, step):
             g, r = grad[i:i + step], rstd[i:i + step]
             xf = flat[i:i + step].float()
             # the gradient reaching the fp32 normalised rows, through the product with the weight (in
